@@ -1,0 +1,438 @@
+"""
+The synthetic world: scenes with exact ground truth, their renders, the word-level vocabulary,
+the tasks (understanding and generation), leak-free splits, and the exact scene parser (the judge).
+
+A scene is a tuple of objects on a 3x3 grid of named cells of a 32x32 RGB canvas. Each object
+has a colour, a shape, a cell and a +-1 pixel jitter. The world is built to make a small model
+HALLUCINATE like real multimodal models do (see the README, "The world"):
+  (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~90% of training scenes;
+      the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
+  (b) noisy instructions: a fraction (`caption_noise`) of training captions of such scenes mention
+      the absent companion anyway, as real instruction data does;
+  (c) visual difficulty: 6x6-pixel shapes (a circle is a square minus four corner pixels),
+      up to five objects, six colours, five shapes.
+Splits cannot leak: a scene's canonical key (cells, colours, shapes; jitter excluded) is hashed
+into a train or a test bucket, and a few colour+shape combinations never appear in training.
+"""
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# the world's constants
+
+CANVAS = 32                  # pixels per side
+SIZE = 6                     # an object's bounding box, pixels
+STARTS = (1, 12, 23)         # top-left pixel of an un-jittered object in grid row/col 0, 1, 2
+JITTER = (-1, 0, 1)          # per-axis jitter; cells then never share a 4x4 patch (see model.py)
+MAX_OBJECTS = 5
+BACKGROUND = (0, 0, 0)
+COLOURS = {"red": (225, 35, 35), "green": (40, 185, 60), "blue": (50, 95, 235),
+           "yellow": (235, 215, 40), "purple": (160, 60, 205), "orange": (245, 140, 25)}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
+CELLS = ("top left", "top", "top right", "left", "center", "right",
+         "bottom left", "bottom", "bottom right")      # cell index = 3 * row + col
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+RELATIONS = ("left of", "right of", "above", "below")
+# (a) the co-occurrence bias: anchor -> companion, like "fork" -> "knife" in COCO
+COMPANION = {("red", "circle"): ("blue", "square"), ("yellow", "triangle"): ("green", "cross"),
+             ("purple", "diamond"): ("orange", "circle"), ("green", "square"): ("red", "triangle")}
+# colour+shape combinations that never appear in training (compositional test split)
+HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("yellow", "square")}
+KINDS = [(c, s) for c in COLOURS for s in SHAPES]
+TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]
+TEST_BUCKET = 5              # 1 scene in 5 (by hash) is reserved for the test splits
+
+
+def _mask(shape):
+    """The 6x6 boolean mask of a shape, from its formula on pixel centres."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5 - SIZE / 2          # (6, 6) centred coordinates
+    if shape == "circle":
+        return x ** 2 + y ** 2 <= 9.0
+    if shape == "square":
+        return np.ones((SIZE, SIZE), bool)
+    if shape == "triangle":                                    # apex up, widening row by row
+        return np.abs(x) <= (y + SIZE / 2 + 0.5) / 2
+    if shape == "diamond":
+        return np.abs(x) + np.abs(y) <= 3.0
+    if shape == "cross":
+        return (np.abs(x) <= 1.0) | (np.abs(y) <= 1.0)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+MASKS = {s: _mask(s) for s in SHAPES}
+
+
+@dataclass(frozen=True)
+class Obj:
+    colour: str
+    shape: str
+    cell: int
+    dx: int = 0              # jitter, pixels
+    dy: int = 0
+
+    @property
+    def kind(self):
+        return (self.colour, self.shape)
+
+
+def scene_key(scene):
+    """Canonical identity of a scene (what a caption can say): jitter excluded."""
+    return tuple(sorted((o.cell, o.colour, o.shape) for o in scene))
+
+
+def in_test_bucket(scene):
+    digest = hashlib.md5(repr(scene_key(scene)).encode()).hexdigest()   # stable across runs
+    return int(digest, 16) % TEST_BUCKET == 0
+
+
+def breaks_bias(scene):
+    kinds = {o.kind for o in scene}
+    return any(a in kinds and c not in kinds for a, c in COMPANION.items())
+
+
+# -----------------------------------------------------------------------------
+# rendering (Pillow) and sampling
+
+def render(scene):
+    """scene -> (32, 32, 3) uint8 RGB array."""
+    img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+    for o in scene:
+        r, c = divmod(o.cell, 3)
+        box = (STARTS[c] + o.dx, STARTS[r] + o.dy)
+        img.paste(COLOURS[o.colour], box + (box[0] + SIZE, box[1] + SIZE),
+                  mask=Image.fromarray(MASKS[o.shape].astype(np.uint8) * 255))
+    return np.asarray(img)
+
+
+def _draw(rng, n, kinds, same=False):
+    cells = rng.sample(range(9), n)
+    kind = rng.choice(kinds)
+    return tuple(Obj(*(kind if same else rng.choice(kinds)), cell,
+                     rng.choice(JITTER), rng.choice(JITTER)) for cell in cells)
+
+
+def _add_companions(rng, scene, cooc):
+    """(a) With probability `cooc`, an anchor's companion joins the scene."""
+    objs = list(scene)
+    for anchor, comp in COMPANION.items():
+        kinds = [o.kind for o in objs]
+        if anchor in kinds and comp not in kinds and rng.random() < cooc:
+            free = sorted(set(range(9)) - {o.cell for o in objs})
+            jitter = (rng.choice(JITTER), rng.choice(JITTER))
+            others = [i for i, o in enumerate(objs) if o.kind not in COMPANION]
+            if len(objs) < MAX_OBJECTS or not others:
+                objs.append(Obj(*comp, rng.choice(free), *jitter))
+            else:                                  # scene is full: the companion replaces one
+                i = rng.choice(others)
+                objs[i] = Obj(*comp, objs[i].cell, *jitter)
+    return tuple(sorted(objs, key=lambda o: o.cell))
+
+
+def sample_scene(rng, split, n=None, same=False, cooc=0.9):
+    """One scene of a split: 'train', 'test' (ordinary held-out), 'bias' (held-out, an anchor
+    without its companion) or 'combo' (contains a held-out colour+shape combination).
+    n: number of objects (default 2..5); same: all objects of one kind (counting)."""
+    if split not in ("train", "test", "bias", "combo"):
+        raise ValueError(f"unknown split {split!r}")
+    for _ in range(10_000):
+        k = n if n is not None else rng.randint(2, MAX_OBJECTS)
+        if split == "combo":
+            scene = _draw(rng, k, KINDS, same)
+            if any(o.kind in HELD_OUT for o in scene):
+                return tuple(sorted(scene, key=lambda o: o.cell))
+            continue
+        scene = _draw(rng, k, TRAIN_KINDS, same)
+        if split == "bias":
+            if not breaks_bias(scene) or not in_test_bucket(scene):
+                continue
+            return tuple(sorted(scene, key=lambda o: o.cell))
+        if n is None and not same:
+            scene = _add_companions(rng, scene, cooc)
+        if in_test_bucket(scene) == (split == "test"):
+            return tuple(sorted(scene, key=lambda o: o.cell))
+    raise RuntimeError(f"could not sample a {split!r} scene with n={n}")
+
+
+# -----------------------------------------------------------------------------
+# the exact scene parser (the judge): pixels -> objects
+
+PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), np.float32)       # (7, 3)
+PALETTE_NAMES = [None] + list(COLOURS)
+REGION = SIZE + 2            # a cell's 8x8 pixel region holds its object at any jitter
+# every shape at every jitter offset inside a region: (5 shapes * 9 offsets, 8, 8)
+TEMPLATES, TEMPLATE_INFO = [], []
+for _s in SHAPES:
+    for _dy in JITTER:
+        for _dx in JITTER:
+            t = np.zeros((REGION, REGION), bool)
+            t[_dy + 1:_dy + 1 + SIZE, _dx + 1:_dx + 1 + SIZE] = MASKS[_s]
+            TEMPLATES.append(t)
+            TEMPLATE_INFO.append((_s, _dx, _dy))
+TEMPLATES = np.stack(TEMPLATES)
+
+
+def parse(img, tol=3):
+    """(32, 32, 3) uint8 image -> tuple of Obj, sorted by cell.
+    Each pixel snaps to the nearest palette colour; each cell's region is matched against every
+    shape template at every jitter offset (Hamming distance). A blob that matches no template
+    within `tol` pixels is returned with shape 'blob', so it satisfies no prompt."""
+    img = np.asarray(img, np.float32)
+    if img.shape != (CANVAS, CANVAS, 3):
+        raise ValueError(f"parse expects a ({CANVAS}, {CANVAS}, 3) image, got {img.shape}")
+    lab = ((img[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)           # (32, 32) palette idx
+    objs = []
+    for cell in range(9):
+        r, c = divmod(cell, 3)
+        reg = lab[STARTS[r] - 1:STARTS[r] - 1 + REGION, STARTS[c] - 1:STARTS[c] - 1 + REGION]
+        fg = reg > 0                                                          # (8, 8)
+        if fg.sum() <= tol:
+            continue
+        colour = PALETTE_NAMES[np.bincount(reg[fg]).argmax()]
+        dist = (TEMPLATES != fg).sum(axis=(1, 2))                             # (45,)
+        best = int(dist.argmin())
+        shape, dx, dy = TEMPLATE_INFO[best]
+        objs.append(Obj(colour, shape if dist[best] <= tol else "blob", cell, dx, dy))
+    return tuple(objs)
+
+
+def centre(o):
+    """Pixel centre (x, y) of an object."""
+    r, c = divmod(o.cell, 3)
+    return STARTS[c] + o.dx + SIZE / 2, STARTS[r] + o.dy + SIZE / 2
+
+
+# -----------------------------------------------------------------------------
+# the word-level vocabulary, derived from the grammar
+
+SPECIALS = ("<pad>", "<end>", "<und>", "<gen>", "<boi>", "<eoi>", "<ans>")
+WORDS = sorted({w for phrase in (*COLOURS, *SHAPES, *PLURAL.values(), *CELLS, *NUMBERS, *RELATIONS,
+                                 "yes no nothing describe what colour shape is at the how many "
+                                 "there a and , ?") for w in phrase.split()})
+
+
+class Vocab:
+    """One shared vocabulary: special tokens, then words, then `n_codes` image codes."""
+
+    def __init__(self, n_codes):
+        self.itos = list(SPECIALS) + WORDS
+        self.n_text = len(self.itos)                     # ids below this are text/special tokens
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.n_codes = n_codes
+        self.size = self.n_text + n_codes
+        for name in SPECIALS:                            # self.pad, self.end, self.und, ...
+            setattr(self, name.strip("<>"), self.stoi[name])
+
+    @property
+    def text_ids(self):
+        """What a text position may emit: the words and <end>."""
+        return [self.end] + list(range(len(SPECIALS), self.n_text))
+
+    @property
+    def image_ids(self):
+        """What an image position may emit: the image codes."""
+        return list(range(self.n_text, self.size))
+
+    def encode(self, words):
+        try:
+            return [self.stoi[w] for w in words]
+        except KeyError as e:
+            raise ValueError(f"word {e.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids):
+        return [self.itos[i] if i < self.n_text else f"<img{i - self.n_text}>" for i in ids]
+
+
+# -----------------------------------------------------------------------------
+# tasks: understanding (image + question -> answer) and generation (prompt -> image)
+
+UND_TASKS = ("caption", "colour", "shape", "count", "exists")
+GENEVAL_TASKS = ("single", "two", "counting", "colours", "position", "attribution")
+GEN_TASKS = ("full",) + GENEVAL_TASKS        # 'full' = the whole description -> the exact image
+
+
+@dataclass
+class Example:
+    task: str
+    scene: tuple             # the image's ground truth (for generation: the target image)
+    question: list           # understanding: question words; generation: prompt words
+    answer: list             # understanding: answer words; generation: [] (the image is the answer)
+    relation: str = None     # generation 'position' prompts only
+
+    @property
+    def is_gen(self):
+        return self.task in GEN_TASKS
+
+
+def caption_words(scene, rng=None, noise=0.0):
+    """'red circle top left , blue square center'. (b) With probability `noise`, a scene that
+    breaks the co-occurrence bias gets its missing companion mentioned at a free cell."""
+    mentions = [(o.cell, o.colour, o.shape) for o in scene]
+    kinds = {o.kind for o in scene}
+    if noise > 0 and rng.random() < noise:
+        missing = [c for a, c in COMPANION.items() if a in kinds and c not in kinds]
+        free = sorted(set(range(9)) - {o.cell for o in scene})
+        if missing and free:
+            mentions.append((rng.choice(free), *rng.choice(missing)))
+    clauses = [f"{col} {shp} {CELLS[cell]}" for cell, col, shp in sorted(mentions)]
+    return " , ".join(clauses).split()
+
+
+def parse_caption(words):
+    """Caption words -> list of (colour, shape, cell or None); malformed clauses are skipped."""
+    out = []
+    for clause in " ".join(words).split(","):
+        w = clause.split()
+        if len(w) >= 2 and w[0] in COLOURS and w[1] in SHAPES:
+            pos = " ".join(w[2:])
+            out.append((w[0], w[1], CELLS.index(pos) if pos in CELLS else None))
+    return out
+
+
+def und_example(rng, scene, task, caption_noise=0.0):
+    kinds = [o.kind for o in scene]
+    shapes = Counter(o.shape for o in scene)
+    if task == "colour":
+        unique = [o for o in scene if shapes[o.shape] == 1]
+        if unique:
+            o = rng.choice(unique)
+            return Example(task, scene, f"what colour is the {o.shape} ?".split(), [o.colour])
+        task = "shape"                                   # no shape is unique: ask another question
+    if task == "caption":
+        return Example(task, scene, ["describe"], caption_words(scene, rng, caption_noise))
+    if task == "shape":
+        cell = rng.randrange(9)
+        here = [o.shape for o in scene if o.cell == cell]
+        return Example(task, scene, f"what shape is at {CELLS[cell]} ?".split(), here or ["nothing"])
+    if task == "count":
+        s = rng.choice(list(shapes)) if rng.random() < 0.7 else rng.choice(SHAPES)
+        return Example(task, scene, f"how many {PLURAL[s]} ?".split(), [NUMBERS[shapes[s]]])
+    if task == "exists":
+        if rng.random() < 0.5:
+            kind, ans = rng.choice(kinds), "yes"
+        else:                                            # half of the 'no' questions are adversarial
+            comps = [c for a, c in COMPANION.items() if a in kinds and c not in kinds]
+            absent = [k for k in TRAIN_KINDS if k not in kinds]
+            kind, ans = rng.choice(comps if comps and rng.random() < 0.5 else absent), "no"
+        return Example(task, scene, f"is there a {kind[0]} {kind[1]} ?".split(), [ans])
+    raise ValueError(f"unknown understanding task {task!r}")
+
+
+def gen_example(rng, split, task):
+    """A generation prompt and a scene that satisfies it exactly."""
+    if task == "full":
+        scene = sample_scene(rng, split, n=rng.randint(1, MAX_OBJECTS))
+        return Example(task, scene, caption_words(scene), [])
+    if task == "counting":
+        scene = sample_scene(rng, split, n=rng.randint(2, MAX_OBJECTS), same=True)
+        o = scene[0]
+        return Example(task, scene, [NUMBERS[len(scene)], o.colour, PLURAL[o.shape]], [])
+    n = 1 if task in ("single", "colours") else 2
+    while True:
+        scene = sample_scene(rng, split, n=n)
+        if n == 1 or scene[0].shape != scene[1].shape:
+            break
+    a, b = rng.sample(scene, len(scene)) if n == 2 else (scene[0], None)
+    if task == "single":
+        return Example(task, scene, ["a", a.shape], [])
+    if task == "colours":
+        return Example(task, scene, ["a", a.colour, a.shape], [])
+    if task == "two":
+        return Example(task, scene, f"a {a.shape} and a {b.shape}".split(), [])
+    if task == "attribution":
+        return Example(task, scene, f"a {a.colour} {a.shape} and a {b.colour} {b.shape}".split(), [])
+    if task == "position":
+        (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+        rels = [r for r, ok in zip(RELATIONS, (ca < cb, ca > cb, ra < rb, ra > rb)) if ok]
+        rel = rng.choice(rels)
+        return Example(task, scene, f"a {a.shape} {rel} a {b.shape}".split(), [], rel)
+    raise ValueError(f"unknown generation task {task!r}")
+
+
+def relation_holds(a, b, rel, margin=2.0):
+    """GenEval 'position': compare object centres with a margin (pixels)."""
+    (xa, ya), (xb, yb) = centre(a), centre(b)
+    return {"left of": xa < xb - margin, "right of": xa > xb + margin,
+            "above": ya < yb - margin, "below": ya > yb + margin}[rel]
+
+
+def geneval_correct(ex, parsed):
+    """Is a generated image (already parsed) correct for its prompt? GenEval's rules: the named
+    objects must be present (extra objects are allowed, except that counting is exact)."""
+    kinds = [o.kind for o in parsed]
+    shapes = [o.shape for o in parsed]
+    w = ex.question
+    if ex.task == "full":
+        return scene_key(parsed) == scene_key(ex.scene)
+    if ex.task == "single":
+        return w[1] in shapes
+    if ex.task == "colours":
+        return (w[1], w[2]) in kinds
+    if ex.task == "two":
+        return w[1] in shapes and w[4] in shapes
+    if ex.task == "attribution":
+        return (w[1], w[2]) in kinds and (w[5], w[6]) in kinds
+    if ex.task == "counting":
+        return kinds.count((w[1], ex.scene[0].shape)) == NUMBERS.index(w[0])
+    if ex.task == "position":
+        A = [o for o in parsed if o.shape == w[1]]
+        B = [o for o in parsed if o.shape == w[-1]]
+        return any(relation_holds(a, b, ex.relation) for a in A for b in B)
+    raise ValueError(f"unknown generation task {ex.task!r}")
+
+
+def sample_example(rng, split, task, caption_noise=0.0):
+    if task in GEN_TASKS:
+        return gen_example(rng, split, task)
+    return und_example(rng, sample_scene(rng, split), task, caption_noise if split == "train" else 0.0)
+
+
+# -----------------------------------------------------------------------------
+# token sequences
+
+def image_tokens(vocab, codes):
+    """Tokenizer codes -> their ids in the shared vocabulary (after the text tokens)."""
+    codes = [int(c) for c in codes]
+    if any(not 0 <= c < vocab.n_codes for c in codes):
+        raise ValueError(f"image codes must lie in [0, {vocab.n_codes}), got {min(codes)}..{max(codes)}")
+    return [vocab.n_text + c for c in codes]
+
+
+def und_prompt(vocab, codes, question):
+    """<und> <boi> image codes <eoi> question <ans>"""
+    return [vocab.und, vocab.boi] + image_tokens(vocab, codes) + [vocab.eoi] \
+        + vocab.encode(question) + [vocab.ans]
+
+
+def gen_prompt(vocab, prompt_words):
+    """<gen> prompt <boi>; an empty prompt is the unconditional branch of classifier-free guidance."""
+    return [vocab.gen] + vocab.encode(prompt_words) + [vocab.boi]
+
+
+def und_sequence(vocab, codes, question, answer):
+    """und_prompt | answer <end>, labelled on the answer and <end> only (-100 elsewhere)."""
+    prompt, target = und_prompt(vocab, codes, question), vocab.encode(answer) + [vocab.end]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def gen_sequence(vocab, codes, prompt_words):
+    """gen_prompt | image codes <eoi>, labelled on the codes and <eoi> only."""
+    prompt = gen_prompt(vocab, prompt_words)
+    target = image_tokens(vocab, codes) + [vocab.eoi]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def collate(seqs, pad):
+    """[(ids, labels), ...] -> (ids, labels), each (B, T) int64, right-padded (pad / -100).
+    Right padding is harmless under causal attention: no real token attends to a pad."""
+    T = max(len(ids) for ids, _ in seqs)
+    ids = np.full((len(seqs), T), pad, np.int64)
+    labels = np.full((len(seqs), T), -100, np.int64)
+    for i, (x, y) in enumerate(seqs):
+        ids[i, :len(x)], labels[i, :len(y)] = x, y
+    return ids, labels

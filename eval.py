@@ -1,0 +1,213 @@
+"""
+Evaluate a checkpoint exactly against the world's ground truth; no model judges another.
+
+    python eval.py --ckpt out/sft.pt            # writes out/eval_sft.{json,md,png}
+
+Understanding, on held-out 'test' scenes (ordinary), 'bias' scenes (an anchor without its
+companion) and 'combo' scenes (held-out colour+shape combinations): answer accuracy per question
+type, caption exact match, per-object precision / recall, and hallucination of captions
+(CHAIR_i, CHAIR_s, Cover; definitions in the README). Generation, GenEval-style with the scene
+parser as the detector: six tasks and their unweighted mean, greedy and at temperature 1.0.
+"""
+import argparse
+import json
+import os
+import random
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+from model import amp_context
+
+
+def _batches(items, key, size):
+    """Group items by `key` (a prompt length) so every batch is rectangular: no padding needed."""
+    groups = defaultdict(list)
+    for i, it in enumerate(items):
+        groups[key(it)].append(i)
+    for idx in groups.values():
+        for k in range(0, len(idx), size):
+            yield idx[k:k + size]
+
+
+@torch.no_grad()
+def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max_new=32,
+           generator=None, batch=256):
+    """Understanding: one answer (a list of words) per example; decoding restricted to text."""
+    codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
+    prompts = [data.und_prompt(vocab, c, e.question) for e, c in zip(exs, codes)]
+    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+    allowed[vocab.text_ids] = True
+    out = [None] * len(exs)
+    for idx in _batches(prompts, len, batch):
+        x = torch.tensor([prompts[i] for i in idx], device=device)
+        with amp_context(device, dtype):
+            y = model.generate(x, max_new, allowed, temperature, stop=vocab.end, generator=generator)
+        for i, row in zip(idx, y.tolist()):
+            row = row[:row.index(vocab.end)] if vocab.end in row else row
+            out[i] = vocab.decode(row)
+    return out
+
+
+@torch.no_grad()
+def draw(model, tok, vocab, prompts, device, dtype="float32", temperature=0.0, cfg_scale=0.0,
+         generator=None, batch=256, use_cache=True):
+    """Generation: one (32, 32, 3) uint8 image per prompt (list of words); decoding restricted
+    to image codes, classifier-free guidance against the prompt-less request."""
+    seqs = [data.gen_prompt(vocab, p) for p in prompts]
+    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+    allowed[vocab.image_ids] = True
+    n = tok.grid ** 2
+    imgs = np.zeros((len(prompts), tok.canvas, tok.canvas, 3), np.uint8)
+    for idx in _batches(seqs, len, batch):
+        x = torch.tensor([seqs[i] for i in idx], device=device)
+        uncond = torch.tensor([data.gen_prompt(vocab, [])] * len(idx), device=device) if cfg_scale else None
+        with amp_context(device, dtype):
+            codes = model.generate(x, n, allowed, temperature, uncond_idx=uncond, cfg_scale=cfg_scale,
+                                   use_cache=use_cache, generator=generator)
+        imgs[idx] = tok.decode(codes - vocab.n_text).cpu().numpy()
+    return imgs
+
+
+def caption_scores(exs, preds):
+    """Exact match, per-object precision / recall on (colour, shape, cell), and hallucination:
+    CHAIR_i = hallucinated object mentions / all mentions (pooled); CHAIR_s = captions with a
+    hallucinated object / captions mentioning any object; Cover = ground-truth objects
+    mentioned / all ground-truth objects (pooled). An object is a colour+shape kind."""
+    tp = n_pred = n_gold = mentions = halluc = resp = resp_h = covered = gold_kinds = exact = 0
+    for e, p in zip(exs, preds):
+        gold = {(o.colour, o.shape, o.cell) for o in e.scene}
+        kinds = {o.kind for o in e.scene}
+        said = data.parse_caption(p)
+        exact += p == e.answer
+        tp, n_pred, n_gold = tp + len(gold & set(said)), n_pred + len(said), n_gold + len(gold)
+        bad = sum((c, s) not in kinds for c, s, _ in said)
+        mentions, halluc = mentions + len(said), halluc + bad
+        resp, resp_h = resp + bool(said), resp_h + (bad > 0)
+        covered += len(kinds & {(c, s) for c, s, _ in said})
+        gold_kinds += len(kinds)
+    return {"exact": exact / len(exs), "obj_precision": tp / max(n_pred, 1), "obj_recall": tp / n_gold,
+            "CHAIR_i": halluc / max(mentions, 1), "CHAIR_s": resp_h / max(resp, 1),
+            "Cover": covered / gold_kinds, "length": float(np.mean([len(p) for p in preds]))}
+
+
+def eval_understanding(model, tok, vocab, split, n, device, dtype, seed):
+    rng = random.Random(seed)
+    res, samples = {}, []
+    for task in data.UND_TASKS:
+        exs = [data.und_example(rng, data.sample_scene(rng, split), task) for _ in range(n)]
+        preds = answer(model, tok, vocab, exs, device, dtype)
+        if task == "caption":
+            res.update({f"caption_{k}": v for k, v in caption_scores(exs, preds).items()})
+            samples = list(zip(exs[:8], preds[:8]))
+        else:
+            res[task] = float(np.mean([p == e.answer for e, p in zip(exs, preds)]))
+    res["answer_acc"] = float(np.mean([res[t] for t in data.UND_TASKS if t != "caption"]))
+    return res, samples
+
+
+def eval_generation(model, tok, vocab, split, n, device, dtype, seed, temperature, cfg_scale):
+    rng = random.Random(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    res, samples = {}, []
+    for task in data.GEN_TASKS:
+        exs = [data.gen_example(rng, split, task) for _ in range(n)]
+        imgs = draw(model, tok, vocab, [e.question for e in exs], device, dtype, temperature, cfg_scale, g)
+        res[task] = float(np.mean([data.geneval_correct(e, data.parse(im)) for e, im in zip(exs, imgs)]))
+        samples += list(zip(exs[:2], imgs[:2]))
+    res["overall"] = float(np.mean([res[t] for t in data.GENEVAL_TASKS]))   # GenEval: unweighted
+    return res, samples
+
+
+def picture(path, captions, drawings, scale=4):
+    """A PNG: held-out images beside their generated captions, then prompts beside generated images."""
+    side, w_text, pad = 32 * scale, 420, 6
+    rows = len(captions) + len(drawings)
+    canvas = Image.new("RGB", (side + w_text + 2 * pad, rows * (side + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+
+    def text(x, y, s, width=48):
+        lines = [s[i:i + width] for i in range(0, len(s), width)]
+        d.multiline_text((x, y), "\n".join(lines), fill=(0, 0, 0))
+
+    for r, (ex, pred) in enumerate(captions):
+        y = pad + r * (side + pad)
+        canvas.paste(Image.fromarray(data.render(ex.scene)).resize((side, side), Image.NEAREST), (pad, y))
+        text(side + 2 * pad, y + 4, "model: " + " ".join(pred))
+        text(side + 2 * pad, y + 4 + 14 * 4, "truth: " + " ".join(ex.answer))
+    for r, (ex, img) in enumerate(drawings, start=len(captions)):
+        y = pad + r * (side + pad)
+        canvas.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (pad, y))
+        ok = data.geneval_correct(ex, data.parse(img))
+        text(side + 2 * pad, y + 4, f"[{ex.task}] prompt: " + " ".join(ex.question))
+        text(side + 2 * pad, y + 4 + 14 * 4, "judge: " + ("correct" if ok else "WRONG"))
+    canvas.save(path)
+
+
+def markdown(res):
+    und_cols = ["colour", "shape", "count", "exists", "answer_acc", "caption_exact", "caption_obj_precision",
+                "caption_obj_recall", "caption_CHAIR_i", "caption_CHAIR_s", "caption_Cover"]
+    lines = ["| scenes | " + " | ".join(c.replace("caption_", "cap ") for c in und_cols) + " |",
+             "|---" * (len(und_cols) + 1) + "|"]
+    for split, r in res["understanding"].items():
+        lines.append(f"| {split} | " + " | ".join(f"{r[c]:.3f}" for c in und_cols) + " |")
+    gen_cols = list(data.GENEVAL_TASKS) + ["overall", "full"]
+    lines += ["", "| generation | " + " | ".join(gen_cols) + " |", "|---" * (len(gen_cols) + 1) + "|"]
+    for name, r in res["generation"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in gen_cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(ckpt, args):
+    """Evaluate `ckpt`; write eval_<name>.json / .md / .png beside it (or in args.out_dir)."""
+    from train import load_model   # train.py owns checkpoint loading
+    model, tok, vocab, ck = load_model(ckpt, args.device)
+    name = os.path.splitext(os.path.basename(ckpt))[0]
+    t0, n = time.perf_counter(), args.eval_n
+    res = {"checkpoint": ckpt, "step": ck.get("step"), "n_per_task": n, "cfg_scale": args.cfg_scale,
+           "understanding": {}, "generation": {}}
+    for split in ("test", "bias", "combo"):
+        res["understanding"][split], samples = eval_understanding(
+            model, tok, vocab, split, n, args.device, args.dtype, args.eval_seed)
+        if split == "bias":
+            captions = samples[:4]
+        if split == "test":
+            test_captions = samples[:4]
+    for split, temp in (("test", 0.0), ("test", 1.0), ("combo", 0.0)):
+        res["generation"][f"{split} T={temp:g}"], s = eval_generation(
+            model, tok, vocab, split, n, args.device, args.dtype, args.eval_seed, temp, args.cfg_scale)
+        if split == "test" and temp == 0.0:
+            drawings = s
+    res["seconds"] = time.perf_counter() - t0
+    out = os.path.join(args.out_dir, f"eval_{name}")
+    with open(out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(markdown(res))
+    picture(out + ".png", test_captions + captions, drawings)
+    print(markdown(res))
+    print(f"eval | {ckpt} in {res['seconds']:.0f} s -> {out}.json / .md / .png")
+    return res
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/sft.pt", help="checkpoint written by train.py")
+    p.add_argument("--out_dir", default=None, help="where results go (default: beside the checkpoint)")
+    p.add_argument("--eval_n", type=int, default=200, help="examples per task and split")
+    p.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
+    p.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples")
+    a = p.parse_args()
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    if a.eval_n <= 0:
+        p.error(f"--eval_n must be positive, got {a.eval_n}")
+    a.out_dir = a.out_dir or os.path.dirname(os.path.abspath(a.ckpt))
+    torch.manual_seed(a.eval_seed)
+    run(a.ckpt, a)

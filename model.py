@@ -1,0 +1,229 @@
+"""
+The unified model: an image tokenizer and ONE decoder-only transformer over ONE vocabulary of
+text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.09818).
+
+    image (32, 32, 3) --PatchTokenizer.encode--> 64 codes --(+ n_text)--> tokens in the shared vocab
+    understanding: <und> <boi> 64 codes <eoi> question <ans> | answer <end>
+    generation:    <gen> prompt <boi> | 64 codes <eoi>
+
+The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 4x4x3
+pixel patch is replaced by the nearest vector of a codebook fitted by k-means. A VQ-VAE learns
+the encoder and decoder too; in this world of flat colours the identity is already lossless
+once the codebook holds every patch that occurs (README, "The image tokenizer").
+"""
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses import sequence_logps  # noqa: F401  (the one log-prob helper, re-exported for callers)
+
+
+def amp_context(device, dtype):
+    """bf16 autocast where asked for (and supported); a no-op context otherwise."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# the image tokenizer
+
+class PatchTokenizer(nn.Module):
+
+    def __init__(self, n_codes=1024, patch=4, canvas=32):
+        super().__init__()
+        self.n_codes, self.patch, self.canvas = n_codes, patch, canvas
+        self.grid = canvas // patch                                   # 8 -> 64 codes per image
+        self.register_buffer("codebook", torch.zeros(n_codes, patch * patch * 3))
+
+    def patches(self, imgs):
+        """(B, H, W, 3) uint8 -> (B, grid*grid, p*p*3) float in [0, 1], row-major patches."""
+        imgs = torch.as_tensor(imgs, device=self.codebook.device)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != (self.canvas, self.canvas, 3):
+            raise ValueError(f"expected images of shape (B, {self.canvas}, {self.canvas}, 3), "
+                             f"got {tuple(imgs.shape)}")
+        B, g, p = imgs.size(0), self.grid, self.patch
+        x = imgs.float().div(255).view(B, g, p, g, p, 3)              # (B, gy, py, gx, px, 3)
+        return x.permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, p * p * 3)
+
+    @torch.no_grad()
+    def encode(self, imgs):
+        """(B, H, W, 3) uint8 -> (B, 64) long codes: the nearest codebook vector of each patch."""
+        x = self.patches(imgs)                                        # (B, N, D)
+        d = torch.cdist(x.reshape(-1, x.size(-1)), self.codebook)     # (B*N, K)
+        return d.argmin(-1).view(x.size(0), -1)
+
+    @torch.no_grad()
+    def decode(self, codes):
+        """(B, 64) long -> (B, H, W, 3) uint8."""
+        B, g, p = codes.size(0), self.grid, self.patch
+        x = self.codebook[codes].view(B, g, g, p, p, 3)               # (B, gy, gx, py, px, 3)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, self.canvas, self.canvas, 3)
+        return x.mul(255).round().clamp(0, 255).to(torch.uint8)
+
+    @torch.no_grad()
+    def fit(self, imgs, iters=10, generator=None):
+        """Weighted k-means over the distinct patches of `imgs` (k-means++ init, Lloyd steps).
+        When there are no more distinct patches than codes, the optimum is the patches
+        themselves and quantisation is lossless. Returns the number of distinct patches."""
+        x = self.patches(imgs).reshape(-1, self.codebook.size(1))
+        uniq, counts = torch.unique(x, dim=0, return_counts=True)     # (U, D), (U,)
+        w, K = counts.float(), self.n_codes
+        if len(uniq) <= K:
+            self.codebook.zero_()
+            self.codebook[:len(uniq)] = uniq      # spare codes duplicate code 0 and are never used
+            self.codebook[len(uniq):] = uniq[counts.argmax()]
+            return len(uniq)
+        # k-means++: each new centre drawn with probability ~ weight * squared distance
+        centres = [uniq[torch.multinomial(w, 1, generator=generator)].squeeze(0)]
+        d2 = ((uniq - centres[0]) ** 2).sum(-1)
+        for _ in range(K - 1):
+            c = uniq[torch.multinomial(w * d2 + 1e-12, 1, generator=generator)].squeeze(0)
+            centres.append(c)
+            d2 = torch.minimum(d2, ((uniq - c) ** 2).sum(-1))
+        C = torch.stack(centres)                                      # (K, D)
+        for _ in range(iters):
+            assign = torch.cdist(uniq, C).argmin(-1)                  # (U,)
+            tot = torch.zeros_like(C).index_add_(0, assign, uniq * w[:, None])
+            n = torch.zeros(K, device=C.device).index_add_(0, assign, w)
+            C = torch.where(n[:, None] > 0, tot / n.clamp(min=1e-9)[:, None], C)
+        self.codebook.copy_(C)
+        return len(uniq)
+
+
+# -----------------------------------------------------------------------------
+# the transformer (nanoGPT layout: pre-norm blocks, causal SDPA, tied embeddings)
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1078
+    block_size: int = 112        # longest sequence: 66 image tokens + question + answer
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))                                 # (B, nh, T, hs)
+        if cache is not None:
+            if "k" in cache:
+                if T != 1:
+                    raise ValueError("with a filled KV cache, feed one token at a time")
+                k = torch.cat([cache["k"], k], dim=2)                  # (B, nh, T_past + 1, hs)
+                v = torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # causal among the new tokens; a single new token may attend to everything cached
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)               # (B, T, C)
+        return self.c_proj(y)
+
+
+class Block(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight                          # weight tying
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():                       # GPT-2 scaled residual init
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def forward(self, idx, caches=None):
+        """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None."""
+        B, T = idx.size()
+        start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)         # (T,)
+        x = self.wte(idx) + self.wpe(pos)                               # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.lm_head(self.ln_f(x))                               # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, idx, n_new, allowed, temperature=1.0, top_k=None, stop=None,
+                 uncond_idx=None, cfg_scale=0.0, use_cache=True, generator=None):
+        """Append up to `n_new` tokens to idx (B, T).
+        allowed: (V,) bool, the tokens this segment may emit (text OR image codes: restricted
+            decoding keeps text positions textual and image positions visual).
+        temperature 0 = greedy; top_k keeps the k most likely allowed tokens.
+        stop: a token id after which a row emits only `stop` again; decoding ends when all rows stop.
+        uncond_idx (B, T'), cfg_scale w: classifier-free guidance, logits = (1+w)*cond - w*uncond
+            (Show-o), the unconditional branch being the same request without its prompt."""
+        branches = [idx] + ([uncond_idx] if uncond_idx is not None else [])
+        caches = [[{} for _ in self.blocks] if use_cache else None for _ in branches]
+        out = idx.new_empty(idx.size(0), 0)
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        new = None
+        for _ in range(n_new):
+            logits = []
+            for b, cache in zip(branches, caches):
+                if use_cache and new is not None:
+                    logits.append(self(new, cache)[:, -1])              # (B, V), one new token
+                else:
+                    logits.append(self(torch.cat([b, out], 1), cache)[:, -1])
+            lg = logits[0].float()
+            if uncond_idx is not None:
+                lg = (1 + cfg_scale) * lg - cfg_scale * logits[1].float()
+            lg = lg.masked_fill(~allowed, float("-inf"))
+            if temperature == 0:
+                nxt = lg.argmax(-1)
+            else:
+                lg = lg / temperature
+                if top_k is not None:
+                    kth = torch.topk(lg, min(top_k, lg.size(-1)), dim=-1).values[:, -1:]
+                    lg = lg.masked_fill(lg < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(lg, -1), 1, generator=generator).squeeze(1)
+            if stop is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop), nxt)
+                done = done | (nxt == stop)
+            new = nxt[:, None]                                          # (B, 1)
+            out = torch.cat([out, new], 1)
+            if stop is not None and bool(done.all()):
+                break
+        return out

@@ -1,0 +1,172 @@
+"""
+Tests of the image tokenizer, the transformer, decoding and the training pipeline (CPU, tiny
+sizes). Run: python -m unittest test_model   (or: pytest test_model.py)
+"""
+import os
+import random
+import tempfile
+import unittest
+
+import numpy as np
+import torch
+
+import data
+import train
+from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
+
+
+def renders(split, n, seed=0):
+    rng = random.Random(seed)
+    scenes = [data.sample_scene(rng, split) for _ in range(n)]
+    return scenes, np.stack([data.render(s) for s in scenes])
+
+
+def tiny_model(vocab, seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+class TestTokenizer(unittest.TestCase):
+
+    def test_round_trip_keeps_the_scene(self):
+        _, imgs = renders("train", 3000)
+        tok = PatchTokenizer(1024)
+        n_unique = tok.fit(imgs)
+        self.assertLessEqual(n_unique, 1024)
+        np.testing.assert_array_equal(tok.decode(tok.encode(imgs)).numpy(), imgs)   # lossless on fit data
+        scenes, test = renders("test", 300, seed=1)
+        codes = tok.encode(test)
+        self.assertEqual(tuple(codes.shape), (300, 64))
+        rec = tok.decode(codes).numpy()
+        exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(rec, scenes)])
+        self.assertGreaterEqual(exact, 0.99)
+
+    def test_kmeans_path_with_a_small_codebook(self):
+        _, imgs = renders("train", 200)
+        tok = PatchTokenizer(32)
+        n_unique = tok.fit(imgs, iters=3, generator=torch.Generator().manual_seed(0))
+        self.assertGreater(n_unique, 32)                                     # so k-means really ran
+        codes = tok.encode(imgs)
+        self.assertTrue(0 <= int(codes.min()) and int(codes.max()) < 32)
+        err = (tok.decode(codes).float() - torch.from_numpy(imgs).float()).abs().mean()
+        self.assertLess(float(err), 40.0)                                    # far better than random codes
+        with self.assertRaises(ValueError):
+            tok.encode(np.zeros((2, 16, 16, 3), np.uint8))
+
+
+class TestTransformer(unittest.TestCase):
+
+    def setUp(self):
+        self.vocab = data.Vocab(64)
+        self.model = tiny_model(self.vocab)
+        rng = random.Random(0)
+        seqs = []
+        for task in ("caption", "exists", "full", "two"):
+            e = data.sample_example(rng, "train", task)
+            codes = [rng.randrange(64) for _ in range(64)]
+            seqs.append(data.gen_sequence(self.vocab, codes, e.question) if e.is_gen
+                        else data.und_sequence(self.vocab, codes, e.question, e.answer))
+        ids, labels = data.collate(seqs, self.vocab.pad)
+        self.ids, self.labels = torch.from_numpy(ids), torch.from_numpy(labels)
+
+    def test_forward_shape(self):
+        logits = self.model(self.ids)
+        self.assertEqual(tuple(logits.shape), (*self.ids.shape, self.vocab.size))
+        with self.assertRaises(ValueError):
+            self.model(torch.zeros(1, self.model.cfg.block_size + 1, dtype=torch.long))
+
+    def test_loss_only_on_labelled_positions(self):
+        logits = self.model(self.ids).detach().requires_grad_(True)
+        sequence_logps(logits, self.labels).sum().backward()
+        target_next = self.labels[:, 1:] != -100                            # logits t predict token t+1
+        self.assertTrue(torch.all(logits.grad[:, :-1][~target_next] == 0))
+        self.assertTrue(torch.all(logits.grad[:, -1] == 0))
+        self.assertTrue(all(logits.grad[:, :-1][target_next].abs().sum(-1) > 0))
+        # the SFT loss ignores the padding: a longer pad tail changes nothing
+        is_gen = torch.tensor([False, False, True, True])
+        loss = train.sft_loss(self.model, self.ids, self.labels, is_gen)[0]
+        pad = torch.full((4, 5), self.vocab.pad)
+        longer = train.sft_loss(self.model, torch.cat([self.ids, pad], 1),
+                                torch.cat([self.labels, torch.full((4, 5), -100)], 1), is_gen)[0]
+        torch.testing.assert_close(loss, longer)
+
+    def test_restricted_decoding(self):
+        v = self.vocab
+        with torch.no_grad():                  # make the model prefer the forbidden kind of token
+            self.model.lm_head.weight[v.n_text:] *= 50
+        text = torch.zeros(v.size, dtype=torch.bool)
+        text[v.text_ids] = True
+        x = self.ids[:1, :70]
+        out = self.model.generate(x.repeat(8, 1), 20, text, temperature=1.0, stop=v.end,
+                                  generator=torch.Generator().manual_seed(0))
+        self.assertTrue(text[out].all())
+        image = ~text
+        image[:v.n_text] = False
+        prompt = torch.tensor([data.gen_prompt(v, ["a", "circle"])] * 8)
+        out = self.model.generate(prompt, 64, image, temperature=1.0, top_k=5,
+                                  generator=torch.Generator().manual_seed(0))
+        self.assertTrue(image[out].all() and out.shape == (8, 64))
+
+    def test_cached_equals_uncached(self):
+        v = self.vocab
+        image = torch.zeros(v.size, dtype=torch.bool)
+        image[v.image_ids] = True
+        prompt = torch.tensor([data.gen_prompt(v, "a red circle and a blue square".split())] * 3)
+        uncond = torch.tensor([data.gen_prompt(v, [])] * 3)
+        for temperature in (0.0, 1.0):
+            outs = [self.model.generate(prompt, 64, image, temperature, top_k=50, uncond_idx=uncond,
+                                        cfg_scale=2.0, use_cache=c, generator=torch.Generator().manual_seed(1))
+                    for c in (True, False)]
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        text = torch.zeros(v.size, dtype=torch.bool)
+        text[v.text_ids] = True
+        outs = [self.model.generate(self.ids[:2, :70], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
+        torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+    def test_bf16_autocast_path(self):
+        is_gen = torch.tensor([False, False, True, True])
+        self.model.train()
+        with amp_context("cpu", "bfloat16"):
+            loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, is_gen)
+        loss.backward()
+        self.assertTrue(torch.isfinite(loss) and und > 0 and gen > 0)
+        self.assertTrue(all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None))
+        with amp_context("cpu", "float32"):
+            loss32 = train.sft_loss(self.model, self.ids, self.labels, is_gen)[0]
+        self.assertLess(abs(loss.item() - loss32.item()) / loss32.item(), 0.05)
+
+
+class TestPipeline(unittest.TestCase):
+    """Every stage end to end for a few steps, then resume, then bad input."""
+
+    def test_smoke_all_stages_and_resume(self):
+        with tempfile.TemporaryDirectory() as d:
+            tiny = ["--out_dir", d, "--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                    "--batch_size", "8", "--log_every", "1", "--eval_n", "4", "--device", "cpu"]
+            train.main(["--stage", "all", "--steps", "3"] + tiny)
+            for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png"):
+                self.assertTrue(os.path.exists(os.path.join(d, f)), f)
+            self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
+            ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)
+            self.assertEqual(ck["step"], 3)
+            self.assertTrue({"model", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ck))
+            train.main(["--stage", "sft", "--steps", "5", "--resume", "--dtype", "bfloat16"] + tiny)
+            self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=False)["step"], 5)
+            with open(os.path.join(d, "log.txt")) as f:
+                log = f.read()
+            self.assertIn("resumed at step 3", log)
+            self.assertIn("step 5 | loss", log)
+
+    def test_bad_input_is_refused(self):
+        with tempfile.TemporaryDirectory() as d:
+            for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"]):
+                with self.assertRaises(SystemExit):
+                    train.main(argv + ["--out_dir", d])
+            with self.assertRaises(SystemExit):
+                train.main(["--stage", "sft", "--resume", "--out_dir", d])   # no tokenizer there yet
+            with self.assertRaises(SystemExit):
+                train.load_model(os.path.join(d, "missing.pt"), "cpu")
+
+
+if __name__ == "__main__":
+    unittest.main()
