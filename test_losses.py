@@ -1,0 +1,428 @@
+"""Tests for losses.py: hand-checked values, limits, gradient directions, invariances, bad inputs.
+
+Run from the repo root (CPU, a few seconds):
+    python -m unittest test_losses -v
+    python -m pytest -q test_losses.py
+Hand-check values are the ones in ../shared/REFERENCE.md, computed there from the formulas.
+"""
+import ast
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+import torch.nn.functional as F
+
+import losses
+from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics, sequence_logps
+
+LN2 = math.log(2.0)
+DBAR = 0.0482190464911681  # dataset mean of cw - cl hard-coded in the released DAMA code
+
+
+def t(*values, dtype=torch.float64, grad=False):
+    """A 1-D tensor, float64 by default so that hand-checks hold to 1e-6 with room to spare."""
+    return torch.tensor(values, dtype=dtype, requires_grad=grad)
+
+
+def random_logps(n, seed, dtype=torch.float64):
+    """n pairs of plausible summed log-probs (negative)."""
+    g = torch.Generator().manual_seed(seed)
+    return [-30 * torch.rand(n, generator=g, dtype=dtype) for _ in range(4)]
+
+
+class Case(unittest.TestCase):
+    def assertClose(self, actual, expected, atol=1e-6):
+        actual = torch.as_tensor(actual, dtype=torch.float64)
+        expected = torch.as_tensor(expected, dtype=torch.float64)
+        self.assertTrue(torch.allclose(actual, expected, rtol=0, atol=atol), f"{actual} != {expected}")
+
+    def assertBad(self, name, fn, *args, **kwargs):
+        """fn(*args, **kwargs) raises ValueError whose message names the offending argument."""
+        with self.assertRaisesRegex(ValueError, name):
+            fn(*args, **kwargs)
+
+
+class TestSequenceLogps(Case):
+    def setUp(self):
+        g = torch.Generator().manual_seed(0)
+        self.logits = torch.randn(2, 6, 7, generator=g, dtype=torch.float64)   # (B, T, V)
+        self.labels = torch.tensor([[-100, -100, 3, 1, 6, -100],                # prompt, 3 targets, pad
+                                    [-100, 2, 0, 5, 4, 4]])                     # (B, T)
+
+    def test_matches_hand_gather(self):
+        expected = []
+        for b in range(2):
+            total = 0.0
+            for pos in range(1, 6):  # labels[b, pos] is predicted by logits[b, pos - 1]
+                if self.labels[b, pos] != -100:
+                    total += torch.log_softmax(self.logits[b, pos - 1], -1)[self.labels[b, pos]].item()
+            expected.append(total)
+        out = sequence_logps(self.logits, self.labels)
+        self.assertEqual(out.shape, (2,))
+        self.assertEqual(out.dtype, torch.float32)
+        self.assertClose(out, expected, atol=1e-5)
+
+    def test_padding_and_ignored_positions_change_nothing(self):
+        base = sequence_logps(self.logits, self.labels)
+        pad_logits = torch.cat([self.logits, 50 * torch.randn(2, 4, 7, dtype=torch.float64)], 1)  # (B, T+4, V)
+        pad_labels = torch.cat([self.labels, torch.full((2, 4), -100)], 1)                        # (B, T+4)
+        self.assertClose(sequence_logps(pad_logits, pad_labels), base)
+        # logits at positions that predict an ignored label do not matter either, even -inf
+        changed = self.logits.clone()
+        changed[0, 0] = 1e3    # predicts labels[0, 1] = -100
+        changed[0, 4, 0] = -math.inf  # predicts labels[0, 5] = -100, and 0 is the dummy id
+        changed = changed.requires_grad_()
+        out = sequence_logps(changed, self.labels)
+        self.assertClose(out, base)
+        out.sum().backward()
+        self.assertTrue(torch.isfinite(changed.grad).all())
+        # a different ignore_index is honoured
+        labels_99 = self.labels.masked_fill(self.labels == -100, 99)
+        self.assertClose(sequence_logps(self.logits, labels_99, ignore_index=99), base)
+
+    def test_shift_is_done_inside(self):
+        base = sequence_logps(self.logits, self.labels)
+        labels = self.labels.clone()
+        labels[:, 0] = 3                      # the first label has no prediction: unused
+        logits = self.logits.clone()
+        logits[:, -1] = 123.0                 # the last logits predict past the end: unused
+        self.assertClose(sequence_logps(logits, labels), base)
+        logits[1, 0, 2] += 1.0                # predicts labels[1, 1] = 2: must change row 1 only
+        out = sequence_logps(logits, labels)
+        self.assertClose(out[0], base[0])
+        self.assertFalse(torch.isclose(out[1], base[1]))
+
+    def test_bf16_logits_are_summed_in_float32(self):
+        logits = self.logits.to(torch.bfloat16)
+        out = sequence_logps(logits, self.labels)
+        self.assertEqual(out.dtype, torch.float32)
+        self.assertClose(out, sequence_logps(logits.double(), self.labels), atol=1e-5)
+
+    def test_bad_inputs(self):
+        self.assertBad("logits", sequence_logps, self.logits[0], self.labels)
+        self.assertBad("logits", sequence_logps, self.labels.unsqueeze(-1), self.labels)
+        self.assertBad("labels", sequence_logps, self.logits, self.labels.double())
+        self.assertBad("labels", sequence_logps, self.logits, self.labels[:, :-1])
+        self.assertBad("labels", sequence_logps, self.logits, self.labels.masked_fill(self.labels == 6, 7))
+
+
+class TestDPO(Case):
+    hand = (t(-10.0), t(-12.0), t(-11.0), t(-11.0))  # h = 2
+
+    def test_hand_check(self):
+        losses_, chosen, rejected = dpo_loss(*self.hand, beta=0.1)
+        self.assertClose(losses_, [0.598139])
+        self.assertClose(chosen, [0.1])
+        self.assertClose(rejected, [-0.1])
+        self.assertClose(dpo_loss(*self.hand, beta=0.1, label_smoothing=0.1)[0], [0.618139])  # cDPO
+
+    def test_policy_equals_reference_gives_ln2(self):
+        pc, pr, _, _ = random_logps(8, seed=1)
+        for beta, eps in [(0.1, 0.0), (0.5, 0.0), (0.1, 0.3)]:
+            losses_, chosen, rejected = dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=beta, label_smoothing=eps)
+            self.assertClose(losses_, torch.full((8,), LN2))
+            self.assertClose(chosen, torch.zeros(8))
+            self.assertEqual(preference_metrics(chosen, rejected)["rewards/accuracies"], 0.0)
+
+    def test_equals_binary_cross_entropy_on_beta_h(self):
+        pc, pr, rc, rr = random_logps(16, seed=2)
+        h = (pc - pr) - (rc - rr)
+        for beta, eps in [(0.1, 0.0), (0.3, 0.1), (1.0, 0.49)]:
+            # cDPO = BCE with logits beta*h and soft target 1 - eps: an independent formulation
+            bce = F.binary_cross_entropy_with_logits(beta * h, torch.full_like(h, 1 - eps), reduction="none")
+            self.assertClose(dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=eps)[0], bce, atol=1e-10)
+
+    def test_label_smoothing_symmetry_limit(self):
+        # loss(h) - loss(-h) = -(1 - 2 eps) beta h exactly, so it vanishes as eps -> 0.5 (the excluded
+        # value, where the loss would be symmetric in the sign of the margin); swapping chosen and
+        # rejected flips the sign of h.
+        pc, pr, rc, rr = random_logps(8, seed=3)
+        h = (pc - pr) - (rc - rr)
+        gaps = []
+        for eps in [0.0, 0.1, 0.25, 0.4, 0.49, 0.499, 0.4999]:
+            diff = dpo_loss(pc, pr, rc, rr, 0.2, eps)[0] - dpo_loss(pr, pc, rr, rc, 0.2, eps)[0]
+            self.assertClose(diff, -(1 - 2 * eps) * 0.2 * h, atol=1e-9)
+            gaps.append(diff.abs().max().item())
+        self.assertEqual(gaps, sorted(gaps, reverse=True))
+        self.assertLess(gaps[-1], 1e-3 * gaps[0])
+
+    def test_gradient_directions(self):
+        for eps in [0.0, 0.2]:
+            pc, pr = t(-10.0, -5.0, -20.0, grad=True), t(-12.0, -4.0, -20.0, grad=True)
+            dpo_loss(pc, pr, t(-11.0, -5.0, -19.0), t(-11.0, -6.0, -21.0), label_smoothing=eps)[0].sum().backward()
+            self.assertTrue((pc.grad < 0).all(), "raising log pi(yw) must lower the loss")
+            self.assertTrue((pr.grad > 0).all(), "raising log pi(yl) must raise the loss")
+
+    def test_rewards_are_detached(self):
+        pc, pr = t(-1.0, grad=True), t(-2.0, grad=True)
+        _, chosen, rejected = dpo_loss(pc, pr, t(-1.5), t(-1.5))
+        self.assertFalse(chosen.requires_grad or rejected.requires_grad)
+
+    def test_bad_inputs(self):
+        a, b = t(-1.0, -2.0), t(-1.0, -2.0)
+        self.assertBad("reference_rejected_logps", dpo_loss, a, a, a, t(-1.0))
+        self.assertBad("policy_rejected_logps", dpo_loss, a, a.view(2, 1), a, a)
+        self.assertBad("policy_chosen_logps", dpo_loss, torch.tensor([-1, -2]), b, b, b)
+        self.assertBad("reference_chosen_logps", dpo_loss, a, b, [-1.0, -2.0], b)
+        self.assertBad("policy_chosen_logps", dpo_loss, t(), t(), t(), t())
+        for beta in [0.0, -0.1, float("nan")]:
+            self.assertBad("beta", dpo_loss, a, b, a, b, beta=beta)
+        for eps in [-0.1, 0.5, 0.7]:
+            self.assertBad("label_smoothing", dpo_loss, a, b, a, b, label_smoothing=eps)
+
+
+class TestMDPO(Case):
+    hand = (t(-10.0), t(-12.0), t(-11.0), t(-11.0), t(-13.0), t(-12.5))
+
+    def test_hand_check_and_ablations(self):
+        losses_, chosen, rejected, corrupted = mdpo_loss(*self.hand, beta=0.1)
+        self.assertClose(losses_, [0.598139 + 0.620957 + 0.644397])
+        self.assertClose(losses_, [1.863493])
+        self.assertClose(chosen, [0.1])
+        self.assertClose(rejected, [-0.1])
+        self.assertClose(corrupted, [-0.05])
+        self.assertClose(mdpo_loss(*self.hand, use_conditional=False)[0], [0.598139 + 0.644397])
+        self.assertClose(mdpo_loss(*self.hand, use_anchor=False)[0], [0.598139 + 0.620957])
+        both_off = mdpo_loss(*self.hand, use_conditional=False, use_anchor=False)[0]
+        self.assertClose(both_off, dpo_loss(*self.hand[:4])[0])
+        # without the conditional term the corrupted forward pass can be skipped
+        out = mdpo_loss(*self.hand[:4], None, None, use_conditional=False)
+        self.assertClose(out[0], [0.598139 + 0.644397])
+        self.assertIsNone(out[3])
+
+    def test_policy_equals_reference_gives_3ln2(self):
+        pc, pr, pcc, _ = random_logps(8, seed=4)
+        losses_ = mdpo_loss(pc, pr, pc.clone(), pr.clone(), pcc, pcc.clone())[0]
+        self.assertClose(losses_, torch.full((8,), 3 * LN2))
+        # the anchor delta shifts only the anchored term: -log sigma(0 - delta)
+        self.assertClose(mdpo_loss(pc, pr, pc, pr, pcc, pcc, anchor=1.0)[0],
+                         torch.full((8,), 2 * LN2 + math.log1p(math.e)))
+
+    def test_equals_independent_sum_of_terms(self):
+        pc, pr, rc, rr = random_logps(16, seed=5)
+        pcc, rcc, _, _ = random_logps(16, seed=6)
+        beta, delta = 0.3, 0.2
+
+        def bce(x):
+            return F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+        expected = (bce(beta * ((pc - pr) - (rc - rr))) + bce(beta * ((pc - pcc) - (rc - rcc)))
+                    + bce(beta * (pc - rc) - delta))
+        self.assertClose(mdpo_loss(pc, pr, rc, rr, pcc, rcc, beta=beta, anchor=delta)[0], expected, atol=1e-10)
+
+    def test_gradient_directions(self):
+        def grads(**flags):
+            logps = [t(-10.0, -30.0, -5.0, grad=True) for _ in range(3)]
+            pc, pr, pcc = logps
+            mdpo_loss(pc, pr, t(-11.0, -29.0, -6.0), t(-11.0, -31.0, -4.0), pcc, t(-12.0, -33.0, -5.0),
+                      **flags)[0].sum().backward()
+            return [torch.zeros(3, dtype=torch.float64) if x.grad is None else x.grad for x in logps]
+        g_chosen, g_rejected, g_corrupted = grads()
+        self.assertTrue((g_chosen < 0).all(), "raising log pi(yw|m) must lower the loss")
+        self.assertTrue((g_rejected > 0).all())
+        self.assertTrue((g_corrupted > 0).all(), "L_CoPO must push log pi(yw|m~) down")
+        # the conditional term alone is what touches the corrupted log-prob
+        self.assertTrue((grads(use_conditional=False)[2] == 0).all())
+        # the anchor pushes the chosen log-prob up and nothing else
+        without = grads(use_anchor=False)
+        self.assertTrue((g_chosen - without[0] < 0).all(), "L_AncPO must push log pi(yw|m) up")
+        self.assertClose(g_rejected, without[1], atol=0)
+        self.assertClose(g_corrupted, without[2], atol=0)
+
+    def test_bad_inputs(self):
+        a, b = t(-1.0, -2.0), t(-3.0, -4.0)
+        self.assertBad("reference_corrupted_chosen_logps", mdpo_loss, a, b, a, b, a, t(-1.0))
+        self.assertBad("policy_corrupted_chosen_logps", mdpo_loss, a, b, a, b, None, b)
+        self.assertBad("policy_corrupted_chosen_logps", mdpo_loss, a, b, a, b, torch.tensor([1, 2]), b)
+        self.assertBad("policy_rejected_logps", mdpo_loss, a, t(-1.0, -2.0, -3.0), a, b, a, b)
+        self.assertBad("beta", mdpo_loss, a, b, a, b, a, b, beta=0.0)
+        self.assertBad("anchor", mdpo_loss, a, b, a, b, a, b, anchor=float("nan"))
+
+
+class TestDAMA(Case):
+    h = t(2.0, -1.0, 0.5, 3.0)
+    cw, cl = t(0.6, 0.3, 0.5, 0.45), t(0.4, 0.7, 0.5, 0.55)
+
+    def run_dama(self, h, gap_mean=0.0, cw=None, cl=None, **kwargs):
+        """DAMA with the margin h put on policy_chosen (other log-probs 0)."""
+        zero = torch.zeros_like(h)
+        cw = torch.zeros_like(h) if cw is None else cw
+        cl = torch.zeros_like(h) if cl is None else cl
+        return dama_loss(h, zero, zero, zero, cw, cl, gap_mean, **kwargs)
+
+    def test_hand_check(self):
+        losses_, chosen, rejected, beta_used, keep_mask, new_gap = self.run_dama(
+            self.h, 0.0, self.cw, self.cl, beta=0.1, score_gap_mean=DBAR, keep_indices=torch.tensor([0, 2, 3]))
+        self.assertClose(beta_used, [0.175802, 0.128314, 0.159868, 0.151882])
+        self.assertClose(losses_, [0.532719, 0.759361, 0.653979, 0.491055])
+        self.assertClose(keep_mask, [1.0, 0.0, 1.0, 1.0], atol=0)
+        self.assertClose((losses_ * keep_mask).sum() / keep_mask.sum(), 0.559251)
+        self.assertClose(new_gap, 0.1125)
+        self.assertIsInstance(new_gap, float)
+        self.assertClose(chosen, 0.1 * self.h)  # rewards use the base beta
+        self.assertClose(rejected, torch.zeros(4))
+
+    def test_policy_equals_reference_gives_ln2(self):
+        pc, pr, _, _ = random_logps(10, seed=7)
+        cw, cl, _, _ = random_logps(10, seed=8)
+        out = dama_loss(pc, pr, pc.clone(), pr.clone(), cw / 30, cl / 30, 0.7,
+                        generator=torch.Generator().manual_seed(0))
+        self.assertClose(out[0], torch.full((10,), LN2))
+
+    def test_equals_dpo_with_per_sample_beta_and_beta_has_no_gradient(self):
+        pc = t(2.0, -1.0, 0.5, 3.0, grad=True)
+        zero = torch.zeros(4, dtype=torch.float64)
+        losses_, _, _, beta_used, keep_mask, _ = dama_loss(pc, zero, zero, zero, self.cw, self.cl, 0.3,
+                                                           generator=torch.Generator().manual_seed(1))
+        self.assertFalse(beta_used.requires_grad)
+        bce = F.binary_cross_entropy_with_logits(beta_used * pc.detach(), torch.ones(4, dtype=torch.float64),
+                                                 reduction="none")
+        self.assertClose(losses_, bce, atol=1e-10)
+        ((losses_ * keep_mask).sum() / keep_mask.sum()).backward()
+        # d/dh of -log sigma(beta_i h_i) with beta_i held constant, only for the kept samples
+        expected = -beta_used * torch.sigmoid(-beta_used * pc.detach()) * keep_mask / keep_mask.sum()
+        self.assertClose(pc.grad, expected, atol=1e-12)
+        self.assertTrue((pc.grad[keep_mask == 1] < 0).all(), "raising log pi(yw) must lower the loss")
+
+    def test_keep_count(self):
+        for n, ratio in [(4, 0.8), (10, 0.8), (10, 0.75), (7, 0.5), (5, 1.0), (1, 0.8), (3, 0.1)]:
+            h = torch.linspace(-1, 1, n, dtype=torch.float64)
+            mask = self.run_dama(h, keep_ratio=ratio, generator=torch.Generator().manual_seed(0))[4]
+            self.assertEqual(int(mask.sum()), max(1, int(n * ratio)), (n, ratio))
+            self.assertTrue(((mask == 0) | (mask == 1)).all())
+        mask = self.run_dama(torch.randn(9, dtype=torch.float64), keep_ratio=1.0)[4]
+        self.assertTrue((mask == 1).all(), "keep_ratio=1.0 keeps every sample")
+
+    def test_seeded_selection_is_reproducible_and_random(self):
+        h = torch.linspace(-2, 2, 12, dtype=torch.float64)
+        masks = [self.run_dama(h, generator=torch.Generator().manual_seed(s), keep_ratio=0.5)[4] for s in range(6)]
+        again = self.run_dama(h, generator=torch.Generator().manual_seed(0), keep_ratio=0.5)[4]
+        self.assertTrue(torch.equal(masks[0], again))
+        self.assertTrue(any(not torch.equal(masks[0], m) for m in masks[1:]), "the selection ignores the generator")
+
+    def test_selection_weights_use_the_unscaled_margin(self):
+        # w = exp(-(h - gap_mean)^2 / 2): h = 8 gets weight ~1e-14 and is (essentially) never kept.
+        # Were h scaled by beta = 0.1 first, its weight would be 0.73 and it would often be kept.
+        h = t(0.0, 0.1, -0.1, 0.2, 8.0)
+        for seed in range(20):
+            mask = self.run_dama(h, generator=torch.Generator().manual_seed(seed))[4]
+            self.assertEqual(mask[4].item(), 0.0)
+
+    def test_underflowing_weights_do_not_crash(self):
+        h = t(1e4, -1e4, 5e3, 300.0, -50.0, 1e3, 40.0, -1e3, 2e4, 99.0)   # every weight underflows to 0
+        masks = set()
+        for seed in range(5):
+            out = self.run_dama(h, generator=torch.Generator().manual_seed(seed))
+            self.assertEqual(int(out[4].sum()), 8)                           # K distinct samples
+            self.assertTrue(all(torch.isfinite(x).all() for x in out[:5]))
+            masks.add(tuple(out[4].tolist()))
+        self.assertGreater(len(masks), 1, "the fallback must still draw at random")
+        again = self.run_dama(h, generator=torch.Generator().manual_seed(4))[4]
+        self.assertEqual(tuple(again.tolist()), tuple(out[4].tolist()))
+        # only one positive weight while K = 3: that sample is always kept, the rest drawn uniformly
+        h = t(0.0, 1e4, -1e4, 3e3)
+        for seed in range(5):
+            mask = self.run_dama(h, generator=torch.Generator().manual_seed(seed))[4]
+            self.assertEqual(mask.tolist()[0], 1.0)
+            self.assertEqual(int(mask.sum()), 3)
+
+    def test_beta_used_is_clamped_at_1e_minus_3(self):
+        # alpha_D = sigma(-50) / sigma(0) ~ 4e-22 would send beta_i to ~0; the clamp keeps 1e-3
+        out = self.run_dama(self.h, 0.0, self.cw - 50, self.cl, keep_ratio=1.0)
+        self.assertTrue((out[3] >= 1e-3).all())
+        self.assertClose(out[3], torch.full((4,), 1e-3, dtype=torch.float64), atol=1e-12)
+        out = self.run_dama(t(-1e4, 1.0, 2.0), 1e4, keep_ratio=1.0)  # alpha_M ~ 0
+        self.assertTrue((out[3] >= 1e-3).all())
+
+    def test_gap_mean_ema(self):
+        h = t(2.0, -1.0, 0.5, 3.0, 10.0)
+        out = self.run_dama(h, 0.5, momentum=0.9, keep_indices=torch.tensor([0]))
+        self.assertIsInstance(out[5], float)
+        self.assertClose(out[5], 0.9 * 0.5 + 0.1 * h.mean())   # mean over ALL samples, not the kept one
+        gap = torch.tensor(0.5, dtype=torch.float32)
+        out = self.run_dama(h, gap, momentum=0.8)
+        self.assertIsInstance(out[5], torch.Tensor)
+        self.assertEqual((out[5].shape, out[5].dtype), (torch.Size([]), torch.float32))
+        self.assertClose(out[5], 0.8 * 0.5 + 0.2 * h.mean())
+        self.assertClose(self.run_dama(h, 0.5, momentum=1.0)[5], 0.5)
+
+    def test_bad_inputs(self):
+        h, s = self.h, self.cw
+        self.assertBad("chosen_scores", self.run_dama, h, 0.0, t(0.1, 0.2), s)
+        self.assertBad("rejected_scores", self.run_dama, h, 0.0, s, s.view(4, 1))
+        self.assertBad("chosen_scores", self.run_dama, h, 0.0, torch.tensor([1, 0, 1, 0]), s)
+        self.assertBad("policy_rejected_logps", dama_loss, h, h[:3], h, h, s, s, 0.0)
+        self.assertBad("reference_chosen_logps", dama_loss, h, h, h.long(), h, s, s, 0.0)
+        self.assertBad("beta", self.run_dama, h, beta=-1.0)
+        for ratio in [0.0, -0.5, 1.5]:
+            self.assertBad("keep_ratio", self.run_dama, h, keep_ratio=ratio)
+        self.assertBad("momentum", self.run_dama, h, momentum=1.1)
+        self.assertBad("gap_mean", self.run_dama, h, torch.zeros(1))
+        self.assertBad("gap_mean", self.run_dama, h, "0")
+        self.assertBad("generator", self.run_dama, h, generator=0)
+        for idx in [torch.tensor([0, 4]), torch.tensor([1, 1]), torch.tensor([], dtype=torch.long),
+                    torch.tensor([0.0]), torch.tensor([True, False, True, True])]:
+            self.assertBad("keep_indices", self.run_dama, h, keep_indices=idx)
+
+
+class TestExtremeMargins(Case):
+    def test_finite_losses_and_gradients(self):
+        for dtype in [torch.float32, torch.bfloat16]:
+            pc = torch.tensor([1e4, -1e4, 0.0, 5e3, -3e3], dtype=dtype, requires_grad=True)
+            zero = torch.zeros(5, dtype=dtype)
+            pcc = torch.tensor([-1e4, 1e4, 0.0, -5e3, 3e3], dtype=dtype, requires_grad=True)
+            results = {
+                "dpo": dpo_loss(pc, zero, zero, zero)[0],
+                "cdpo": dpo_loss(pc, zero, zero, zero, label_smoothing=0.3)[0],
+                "mdpo": mdpo_loss(pc, zero, zero, zero, pcc, zero)[0],
+                "dama": dama_loss(pc, zero, zero, zero, zero, zero, 0.0, generator=torch.Generator().manual_seed(0))[0],
+                # sigma(h) and sigma(gap_mean) both underflow: alpha_M formed as a ratio would be 0 / 0
+                "dama_far_gap": dama_loss(pc / 1e4 - 1e4, zero, zero, zero, zero, zero, -1e4, keep_ratio=1.0)[0],
+            }
+            for name, value in results.items():
+                pc.grad, pcc.grad = None, None
+                self.assertTrue(torch.isfinite(value).all(), f"{name} {dtype}: {value}")
+                value.sum().backward()
+                self.assertTrue(torch.isfinite(pc.grad).all(), f"{name} {dtype} grad: {pc.grad}")
+            # -log sigma(-1000) = 1000, not inf
+            self.assertClose(results["dpo"][1].float(), 1000.0, atol=1.0)
+
+
+class TestMetrics(Case):
+    def test_preference_metrics(self):
+        m = preference_metrics(t(0.1, 0.2, 0.0), t(-0.1, 0.3, 0.0))
+        self.assertEqual(set(m), {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"})
+        self.assertClose(m["rewards/margins"], 0.1 / 3)
+        self.assertClose(m["rewards/accuracies"], 1 / 3)  # ties do not count
+        self.assertBad("rejected_rewards", preference_metrics, t(0.1), t(0.1, 0.2))
+
+
+class TestStandalone(Case):
+    def test_imports_only_torch_and_the_standard_library(self):
+        with open(losses.__file__) as f:
+            tree = ast.parse(f.read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        self.assertLessEqual(names, {"torch"} | set(sys.stdlib_module_names), names)
+
+    def test_imports_alone_in_a_fresh_interpreter(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(losses.__file__, tmp)
+            code = ("import os, torch, losses; z = torch.zeros(2); "
+                    "print(os.path.dirname(os.path.abspath(losses.__file__))); "
+                    "print(losses.dpo_loss(z, z, z, z)[0].sum().item())")
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            where, value = proc.stdout.split()
+            self.assertEqual(os.path.realpath(where), os.path.realpath(tmp))
+            self.assertAlmostEqual(float(value), 2 * LN2, places=6)
+
+
+if __name__ == "__main__":
+    unittest.main()
