@@ -2,8 +2,10 @@
 The synthetic world: scenes with exact ground truth, their renders, the word-level vocabulary,
 the tasks (understanding and generation), leak-free splits, and the exact scene parser (the judge).
 
-A scene is a tuple of objects on a 3x3 grid of named cells of a 32x32 RGB canvas. Each object
-has a colour, a shape, a cell and a +-1 pixel jitter. The world is built to make a small model
+A scene is a tuple of objects on a 3x3 grid of named 8x8-pixel cells of a 24x24 RGB canvas. Each
+object has a colour, a shape, a cell and a +-1 pixel jitter. Generation prompts that do not name
+positions ("a red circle and a blue square") place their objects in canonical cells, like the
+pips of a die, so that a prompt determines its image up to jitter. The world is built to make a small model
 HALLUCINATE like real multimodal models do (see the README, "The world"):
   (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~90% of training scenes;
       the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
@@ -25,10 +27,11 @@ from PIL import Image
 # -----------------------------------------------------------------------------
 # the world's constants
 
-CANVAS = 32                  # pixels per side
+CANVAS = 24                  # pixels per side
+CELL = 8                     # a cell is 8x8 pixels = 2x2 tokenizer patches, so cells never share a patch
 SIZE = 6                     # an object's bounding box, pixels
-STARTS = (1, 12, 23)         # top-left pixel of an un-jittered object in grid row/col 0, 1, 2
-JITTER = (-1, 0, 1)          # per-axis jitter; cells then never share a 4x4 patch (see model.py)
+STARTS = (1, 9, 17)          # top-left pixel of an un-jittered object in grid row/col 0, 1, 2
+JITTER = (-1, 0, 1)          # per-axis jitter, pixels
 MAX_OBJECTS = 5
 BACKGROUND = (0, 0, 0)
 COLOURS = {"red": (225, 35, 35), "green": (40, 185, 60), "blue": (50, 95, 235),
@@ -47,6 +50,9 @@ HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("y
 KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]
 TEST_BUCKET = 5              # 1 scene in 5 (by hash) is reserved for the test splits
+# canonical cells of prompts that name no position: n objects -> cells, in prompt order
+CANONICAL = {1: (4,), 2: (3, 5), 3: (3, 4, 5), 4: (0, 2, 6, 8), 5: (0, 2, 4, 6, 8)}
+RELATION_CELLS = {"left of": (3, 5), "right of": (5, 3), "above": (1, 7), "below": (7, 1)}
 
 
 def _mask(shape):
@@ -100,7 +106,7 @@ def breaks_bias(scene):
 # rendering (Pillow) and sampling
 
 def render(scene):
-    """scene -> (32, 32, 3) uint8 RGB array."""
+    """scene -> (H, W, 3) uint8 RGB array."""
     img = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
     for o in scene:
         r, c = divmod(o.cell, 3)
@@ -110,8 +116,8 @@ def render(scene):
     return np.asarray(img)
 
 
-def _draw(rng, n, kinds, same=False):
-    cells = rng.sample(range(9), n)
+def _draw(rng, n, kinds, same=False, cells=None):
+    cells = cells or rng.sample(range(9), n)
     kind = rng.choice(kinds)
     return tuple(Obj(*(kind if same else rng.choice(kinds)), cell,
                      rng.choice(JITTER), rng.choice(JITTER)) for cell in cells)
@@ -134,28 +140,29 @@ def _add_companions(rng, scene, cooc):
     return tuple(sorted(objs, key=lambda o: o.cell))
 
 
-def sample_scene(rng, split, n=None, same=False, cooc=0.9):
+def sample_scene(rng, split, n=None, same=False, cooc=0.9, cells=None):
     """One scene of a split: 'train', 'test' (ordinary held-out), 'bias' (held-out, an anchor
     without its companion) or 'combo' (contains a held-out colour+shape combination).
-    n: number of objects (default 2..5); same: all objects of one kind (counting)."""
+    n: number of objects (default 2..5); same: all objects of one kind (counting);
+    cells: the objects' cells, in order (default: random). Objects are returned in that order."""
     if split not in ("train", "test", "bias", "combo"):
         raise ValueError(f"unknown split {split!r}")
     for _ in range(10_000):
-        k = n if n is not None else rng.randint(2, MAX_OBJECTS)
+        k = len(cells) if cells else (n if n is not None else rng.randint(2, MAX_OBJECTS))
         if split == "combo":
-            scene = _draw(rng, k, KINDS, same)
+            scene = _draw(rng, k, KINDS, same, cells)
             if any(o.kind in HELD_OUT for o in scene):
-                return tuple(sorted(scene, key=lambda o: o.cell))
+                return scene if cells else tuple(sorted(scene, key=lambda o: o.cell))
             continue
-        scene = _draw(rng, k, TRAIN_KINDS, same)
+        scene = _draw(rng, k, TRAIN_KINDS, same, cells)
         if split == "bias":
             if not breaks_bias(scene) or not in_test_bucket(scene):
                 continue
             return tuple(sorted(scene, key=lambda o: o.cell))
-        if n is None and not same:
+        if n is None and not same and not cells:
             scene = _add_companions(rng, scene, cooc)
         if in_test_bucket(scene) == (split == "test"):
-            return tuple(sorted(scene, key=lambda o: o.cell))
+            return scene if cells else tuple(sorted(scene, key=lambda o: o.cell))
     raise RuntimeError(f"could not sample a {split!r} scene with n={n}")
 
 
@@ -164,7 +171,7 @@ def sample_scene(rng, split, n=None, same=False, cooc=0.9):
 
 PALETTE = np.array([BACKGROUND] + list(COLOURS.values()), np.float32)       # (7, 3)
 PALETTE_NAMES = [None] + list(COLOURS)
-REGION = SIZE + 2            # a cell's 8x8 pixel region holds its object at any jitter
+REGION = CELL                # a cell's 8x8 pixel region holds its object at any jitter
 # every shape at every jitter offset inside a region: (5 shapes * 9 offsets, 8, 8)
 TEMPLATES, TEMPLATE_INFO = [], []
 for _s in SHAPES:
@@ -178,18 +185,18 @@ TEMPLATES = np.stack(TEMPLATES)
 
 
 def parse(img, tol=3):
-    """(32, 32, 3) uint8 image -> tuple of Obj, sorted by cell.
+    """(H, W, 3) uint8 image -> tuple of Obj, sorted by cell.
     Each pixel snaps to the nearest palette colour; each cell's region is matched against every
     shape template at every jitter offset (Hamming distance). A blob that matches no template
     within `tol` pixels is returned with shape 'blob', so it satisfies no prompt."""
     img = np.asarray(img, np.float32)
     if img.shape != (CANVAS, CANVAS, 3):
         raise ValueError(f"parse expects a ({CANVAS}, {CANVAS}, 3) image, got {img.shape}")
-    lab = ((img[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)           # (32, 32) palette idx
+    lab = ((img[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)           # (H, W) palette index
     objs = []
     for cell in range(9):
         r, c = divmod(cell, 3)
-        reg = lab[STARTS[r] - 1:STARTS[r] - 1 + REGION, STARTS[c] - 1:STARTS[c] - 1 + REGION]
+        reg = lab[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
         fg = reg > 0                                                          # (8, 8)
         if fg.sum() <= tol:
             continue
@@ -324,32 +331,31 @@ def und_example(rng, scene, task, caption_noise=0.0):
 
 
 def gen_example(rng, split, task):
-    """A generation prompt and a scene that satisfies it exactly."""
+    """A generation prompt and a scene that satisfies it exactly. Prompts that name no position
+    put their objects in CANONICAL cells (in prompt order), so the prompt fixes the layout."""
     if task == "full":
         scene = sample_scene(rng, split, n=rng.randint(1, MAX_OBJECTS))
         return Example(task, scene, caption_words(scene), [])
     if task == "counting":
-        scene = sample_scene(rng, split, n=rng.randint(2, MAX_OBJECTS), same=True)
+        k = rng.randint(2, MAX_OBJECTS)
+        scene = sample_scene(rng, split, same=True, cells=CANONICAL[k])
         o = scene[0]
-        return Example(task, scene, [NUMBERS[len(scene)], o.colour, PLURAL[o.shape]], [])
-    n = 1 if task in ("single", "colours") else 2
-    while True:
-        scene = sample_scene(rng, split, n=n)
-        if n == 1 or scene[0].shape != scene[1].shape:
+        return Example(task, scene, [NUMBERS[k], o.colour, PLURAL[o.shape]], [])
+    if task in ("single", "colours"):
+        a = sample_scene(rng, split, cells=CANONICAL[1])[0]
+        words = ["a", a.shape] if task == "single" else ["a", a.colour, a.shape]
+        return Example(task, (a,), words, [])
+    rel = rng.choice(RELATIONS)
+    while True:                          # two objects of different shapes, in prompt order
+        a, b = sample_scene(rng, split, cells=RELATION_CELLS[rel] if task == "position" else CANONICAL[2])
+        if a.shape != b.shape:
             break
-    a, b = rng.sample(scene, len(scene)) if n == 2 else (scene[0], None)
-    if task == "single":
-        return Example(task, scene, ["a", a.shape], [])
-    if task == "colours":
-        return Example(task, scene, ["a", a.colour, a.shape], [])
+    scene = tuple(sorted((a, b), key=lambda o: o.cell))
     if task == "two":
         return Example(task, scene, f"a {a.shape} and a {b.shape}".split(), [])
     if task == "attribution":
         return Example(task, scene, f"a {a.colour} {a.shape} and a {b.colour} {b.shape}".split(), [])
     if task == "position":
-        (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
-        rels = [r for r, ok in zip(RELATIONS, (ca < cb, ca > cb, ra < rb, ra > rb)) if ok]
-        rel = rng.choice(rels)
         return Example(task, scene, f"a {a.shape} {rel} a {b.shape}".split(), [], rel)
     raise ValueError(f"unknown generation task {task!r}")
 

@@ -56,7 +56,7 @@ def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max
 @torch.no_grad()
 def draw(model, tok, vocab, prompts, device, dtype="float32", temperature=0.0, cfg_scale=0.0,
          generator=None, batch=256, use_cache=True):
-    """Generation: one (32, 32, 3) uint8 image per prompt (list of words); decoding restricted
+    """Generation: one (H, W, 3) uint8 image per prompt (list of words); decoding restricted
     to image codes, classifier-free guidance against the prompt-less request."""
     seqs = [data.gen_prompt(vocab, p) for p in prompts]
     allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
@@ -123,9 +123,9 @@ def eval_generation(model, tok, vocab, split, n, device, dtype, seed, temperatur
     return res, samples
 
 
-def picture(path, captions, drawings, scale=4):
+def picture(path, captions, drawings, scale=5):
     """A PNG: held-out images beside their generated captions, then prompts beside generated images."""
-    side, w_text, pad = 32 * scale, 420, 6
+    side, w_text, pad = data.CANVAS * scale, 420, 6
     rows = len(captions) + len(drawings)
     canvas = Image.new("RGB", (side + w_text + 2 * pad, rows * (side + pad) + pad), (255, 255, 255))
     d = ImageDraw.Draw(canvas)

@@ -2,9 +2,9 @@
 The unified model: an image tokenizer and ONE decoder-only transformer over ONE vocabulary of
 text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.09818).
 
-    image (32, 32, 3) --PatchTokenizer.encode--> 64 codes --(+ n_text)--> tokens in the shared vocab
-    understanding: <und> <boi> 64 codes <eoi> question <ans> | answer <end>
-    generation:    <gen> prompt <boi> | 64 codes <eoi>
+    image (24, 24, 3) --PatchTokenizer.encode--> 36 codes --(+ n_text)--> tokens in the shared vocab
+    understanding: <und> <boi> 36 codes <eoi> question <ans> | answer <end>
+    generation:    <gen> prompt <boi> | 36 codes <eoi>
 
 The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 4x4x3
 pixel patch is replaced by the nearest vector of a codebook fitted by k-means. A VQ-VAE learns
@@ -34,10 +34,10 @@ def amp_context(device, dtype):
 
 class PatchTokenizer(nn.Module):
 
-    def __init__(self, n_codes=1024, patch=4, canvas=32):
+    def __init__(self, n_codes=1024, patch=4, canvas=24):
         super().__init__()
         self.n_codes, self.patch, self.canvas = n_codes, patch, canvas
-        self.grid = canvas // patch                                   # 8 -> 64 codes per image
+        self.grid = canvas // patch                                   # 6 -> 36 codes per image
         self.register_buffer("codebook", torch.zeros(n_codes, patch * patch * 3))
 
     def patches(self, imgs):
@@ -52,14 +52,14 @@ class PatchTokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, imgs):
-        """(B, H, W, 3) uint8 -> (B, 64) long codes: the nearest codebook vector of each patch."""
+        """(B, H, W, 3) uint8 -> (B, grid*grid) long codes: the nearest codebook vector of each patch."""
         x = self.patches(imgs)                                        # (B, N, D)
         d = torch.cdist(x.reshape(-1, x.size(-1)), self.codebook)     # (B*N, K)
         return d.argmin(-1).view(x.size(0), -1)
 
     @torch.no_grad()
     def decode(self, codes):
-        """(B, 64) long -> (B, H, W, 3) uint8."""
+        """(B, grid*grid) long -> (B, H, W, 3) uint8."""
         B, g, p = codes.size(0), self.grid, self.patch
         x = self.codebook[codes].view(B, g, g, p, p, 3)               # (B, gy, gx, py, px, 3)
         x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, self.canvas, self.canvas, 3)
@@ -101,7 +101,7 @@ class PatchTokenizer(nn.Module):
 @dataclass
 class GPTConfig:
     vocab_size: int = 1078
-    block_size: int = 112        # longest sequence: 66 image tokens + question + answer
+    block_size: int = 96         # longest sequence: 38 image tokens + question + answer
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128

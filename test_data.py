@@ -66,9 +66,9 @@ class TestWorld(unittest.TestCase):
         for n in range(1, 6):
             s = data.sample_scene(rng, "train", n=n, same=True)
             self.assertEqual(data.parse(data.render(s)), s)
-        self.assertEqual(data.parse(np.zeros((32, 32, 3), np.uint8)), ())
-        blob = np.zeros((32, 32, 3), np.uint8)
-        blob[12:19, 12:15] = data.COLOURS["red"]                      # a 7x3 bar is no shape
+        self.assertEqual(data.parse(np.zeros((data.CANVAS, data.CANVAS, 3), np.uint8)), ())
+        blob = np.zeros((data.CANVAS, data.CANVAS, 3), np.uint8)
+        blob[9:16, 9:12] = data.COLOURS["red"]                        # a 7x3 bar is no shape
         self.assertEqual([o.shape for o in data.parse(blob)], ["blob"])
         with self.assertRaises(ValueError):
             data.parse(np.zeros((16, 16, 3), np.uint8))
@@ -93,18 +93,18 @@ class TestWorld(unittest.TestCase):
         rng = random.Random(4)
         for task in data.UND_TASKS:
             e = data.sample_example(rng, "train", task, 0.5)
-            ids, labels = data.und_sequence(v, [3] * 64, e.question, e.answer)
+            ids, labels = data.und_sequence(v, [3] * 36, e.question, e.answer)
             self.assertEqual(len(ids), len(labels))
             target = [t for t in labels if t != -100]
             self.assertEqual(target, v.encode(e.answer) + [v.end])     # labels only on the answer
             self.assertEqual(ids[-len(target):], target)
-        ids, labels = data.gen_sequence(v, list(range(64)), ["a", "red", "circle"])
-        self.assertEqual([t for t in labels if t != -100], [v.n_text + i for i in range(64)] + [v.eoi])
-        self.assertTrue(all(v.n_text <= t < v.size for t in labels[-65:-1]))
+        ids, labels = data.gen_sequence(v, list(range(36)), ["a", "red", "circle"])
+        self.assertEqual([t for t in labels if t != -100], [v.n_text + i for i in range(36)] + [v.eoi])
+        self.assertTrue(all(v.n_text <= t < v.size for t in labels[-37:-1]))
         with self.assertRaises(ValueError):
             v.encode(["a", "dragon"])
         with self.assertRaises(ValueError):
-            data.gen_sequence(v, [64] * 64, ["a", "circle"])          # code outside the codebook
+            data.gen_sequence(v, [64] * 36, ["a", "circle"])          # code outside the codebook
         s = data.sample_scene(rng, "test")
         self.assertEqual(data.parse_caption(data.caption_words(s)), [(o.colour, o.shape, o.cell) for o in s])
 

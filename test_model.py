@@ -36,7 +36,7 @@ class TestTokenizer(unittest.TestCase):
         np.testing.assert_array_equal(tok.decode(tok.encode(imgs)).numpy(), imgs)   # lossless on fit data
         scenes, test = renders("test", 300, seed=1)
         codes = tok.encode(test)
-        self.assertEqual(tuple(codes.shape), (300, 64))
+        self.assertEqual(tuple(codes.shape), (300, 36))
         rec = tok.decode(codes).numpy()
         exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(rec, scenes)])
         self.assertGreaterEqual(exact, 0.99)
@@ -63,7 +63,7 @@ class TestTransformer(unittest.TestCase):
         seqs = []
         for task in ("caption", "exists", "full", "two"):
             e = data.sample_example(rng, "train", task)
-            codes = [rng.randrange(64) for _ in range(64)]
+            codes = [rng.randrange(64) for _ in range(36)]
             seqs.append(data.gen_sequence(self.vocab, codes, e.question) if e.is_gen
                         else data.und_sequence(self.vocab, codes, e.question, e.answer))
         ids, labels = data.collate(seqs, self.vocab.pad)
@@ -96,16 +96,16 @@ class TestTransformer(unittest.TestCase):
             self.model.lm_head.weight[v.n_text:] *= 50
         text = torch.zeros(v.size, dtype=torch.bool)
         text[v.text_ids] = True
-        x = self.ids[:1, :70]
+        x = self.ids[:1, :44]
         out = self.model.generate(x.repeat(8, 1), 20, text, temperature=1.0, stop=v.end,
                                   generator=torch.Generator().manual_seed(0))
         self.assertTrue(text[out].all())
         image = ~text
         image[:v.n_text] = False
         prompt = torch.tensor([data.gen_prompt(v, ["a", "circle"])] * 8)
-        out = self.model.generate(prompt, 64, image, temperature=1.0, top_k=5,
+        out = self.model.generate(prompt, 36, image, temperature=1.0, top_k=5,
                                   generator=torch.Generator().manual_seed(0))
-        self.assertTrue(image[out].all() and out.shape == (8, 64))
+        self.assertTrue(image[out].all() and out.shape == (8, 36))
 
     def test_cached_equals_uncached(self):
         v = self.vocab
@@ -114,13 +114,13 @@ class TestTransformer(unittest.TestCase):
         prompt = torch.tensor([data.gen_prompt(v, "a red circle and a blue square".split())] * 3)
         uncond = torch.tensor([data.gen_prompt(v, [])] * 3)
         for temperature in (0.0, 1.0):
-            outs = [self.model.generate(prompt, 64, image, temperature, top_k=50, uncond_idx=uncond,
+            outs = [self.model.generate(prompt, 36, image, temperature, top_k=50, uncond_idx=uncond,
                                         cfg_scale=2.0, use_cache=c, generator=torch.Generator().manual_seed(1))
                     for c in (True, False)]
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
         text = torch.zeros(v.size, dtype=torch.bool)
         text[v.text_ids] = True
-        outs = [self.model.generate(self.ids[:2, :70], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
+        outs = [self.model.generate(self.ids[:2, :44], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
     def test_bf16_autocast_path(self):

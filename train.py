@@ -142,7 +142,7 @@ def train_tokenizer(args):
     scenes = [data.sample_scene(rng, "train", cooc=args.cooc)
               for _ in tqdm(range(args.tok_images), desc="render", leave=False)]
     imgs = np.stack([data.render(s) for s in scenes])                   # (N, 32, 32, 3)
-    tok = PatchTokenizer(args.n_codes).to(args.device)
+    tok = PatchTokenizer(args.n_codes, canvas=data.CANVAS).to(args.device)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     n_unique = tok.fit(imgs, generator=g)
     # the bar: the judge must recover the exact scene from decode(encode(x)) on held-out scenes
