@@ -409,10 +409,17 @@ def image_tokens(vocab, codes):
     return [vocab.n_text + c for c in codes]
 
 
+QUESTION_LEN = 8             # questions are left-padded to this many tokens (see und_prompt)
+
+
 def und_prompt(vocab, codes, question):
-    """<und> <boi> image codes <eoi> question <ans>"""
-    return [vocab.und, vocab.boi] + image_tokens(vocab, codes) + [vocab.eoi] \
-        + vocab.encode(question) + [vocab.ans]
+    """<pad>.. question <boi> image codes <eoi> <und> <ans>. The question comes FIRST so that each
+    image token can already check itself against it; it is left-padded to a fixed length so that
+    every image token always sits at the same position (its cell)."""
+    if len(question) > QUESTION_LEN:
+        raise ValueError(f"question longer than {QUESTION_LEN} words: {' '.join(question)!r}")
+    return [vocab.pad] * (QUESTION_LEN - len(question)) + vocab.encode(question) + [vocab.boi] \
+        + image_tokens(vocab, codes) + [vocab.eoi, vocab.und, vocab.ans]
 
 
 def gen_prompt(vocab, prompt_words):

@@ -2,12 +2,12 @@
 The unified model: an image tokenizer and ONE decoder-only transformer over ONE vocabulary of
 text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.09818).
 
-    image (24, 24, 3) --PatchTokenizer.encode--> 36 codes --(+ n_text)--> tokens in the shared vocab
-    understanding: <und> <boi> 36 codes <eoi> question <ans> | answer <end>
-    generation:    <gen> prompt <boi> | 36 codes <eoi>
+    image (24, 24, 3) --PatchTokenizer.encode--> 9 codes --(+ n_text)--> tokens in the shared vocab
+    understanding: <und> <boi> 9 codes <eoi> question <ans> | answer <end>
+    generation:    <gen> prompt <boi> | 9 codes <eoi>
 
-The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 4x4x3
-pixel patch is replaced by the nearest vector of a codebook fitted by k-means. A VQ-VAE learns
+The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 8x8x3
+pixel patch (one grid cell; 4x4 with --patch 4, 36 codes) is replaced by the nearest vector of a codebook fitted by k-means. A VQ-VAE learns
 the encoder and decoder too; in this world of flat colours the identity is already lossless
 once the codebook holds every patch that occurs (README, "The image tokenizer").
 """
@@ -34,10 +34,10 @@ def amp_context(device, dtype):
 
 class PatchTokenizer(nn.Module):
 
-    def __init__(self, n_codes=1024, patch=4, canvas=24):
+    def __init__(self, n_codes=512, patch=8, canvas=24):
         super().__init__()
         self.n_codes, self.patch, self.canvas = n_codes, patch, canvas
-        self.grid = canvas // patch                                   # 6 -> 36 codes per image
+        self.grid = canvas // patch                                   # 3 (or 6) -> 9 (or 36) codes
         self.register_buffer("codebook", torch.zeros(n_codes, patch * patch * 3))
 
     def patches(self, imgs):
@@ -100,7 +100,9 @@ class PatchTokenizer(nn.Module):
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 1078
+    vocab_size: int = 566        # text tokens, then n_codes image codes
+    n_codes: int = 512
+    code_dim: int = 192          # pixels of a codebook vector: patch * patch * 3
     block_size: int = 96         # longest sequence: 38 image tokens + question + answer
     n_layer: int = 4
     n_head: int = 4
@@ -152,17 +154,28 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The token embedding of an image code is a learned vector PLUS a small MLP of the code's
+    pixels (its codebook vector; a patch encoder as in ViT / nanoVLM), so that codes of similar patches start out similar and a
+    rarely seen code still says "red, left edge of something round". The output head is tied to
+    the same table, so generation shares that structure."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, codebook=None):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        # (n_codes, p*p*3) pixels of each image code; the codes are the last n_codes token ids
+        self.register_buffer("code_pixels", torch.zeros(cfg.n_codes, cfg.code_dim) if codebook is None
+                             else codebook.detach().clone().float())
+        self.code_proj = nn.Sequential(nn.Linear(cfg.code_dim, 2 * cfg.n_embd), nn.GELU(),
+                                       nn.Linear(2 * cfg.n_embd, cfg.n_embd))
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight                          # weight tying
         self.apply(self._init_weights)
+        # embeddings start at std 0.1, not GPT-2's 0.02: with 0.02 this small model sat on a long
+        # plateau before its attention found the image tokens (README, "What we measured")
+        nn.init.normal_(self.wte.weight, std=0.1)
+        nn.init.normal_(self.wpe.weight, std=0.1)
         for name, p in self.named_parameters():                       # GPT-2 scaled residual init
             if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -173,17 +186,24 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def embedding_table(self):
+        """(V, C): wte, with the pixel projection added to the rows of the image codes."""
+        n_text = self.cfg.vocab_size - self.cfg.n_codes
+        img = self.code_proj(self.code_pixels)                          # (n_codes, C)
+        return self.wte.weight + F.pad(img, (0, 0, n_text, 0))          # (V, C)
+
     def forward(self, idx, caches=None):
         """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None."""
         B, T = idx.size()
         start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        table = self.embedding_table()                                  # (V, C)
         pos = torch.arange(start, start + T, device=idx.device)         # (T,)
-        x = self.wte(idx) + self.wpe(pos)                               # (B, T, C)
+        x = F.embedding(idx, table) + self.wpe(pos)                     # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches is not None else None)
-        return self.lm_head(self.ln_f(x))                               # (B, T, V)
+        return self.ln_f(x) @ table.t()                                 # (B, T, V), tied output head
 
     @torch.no_grad()
     def generate(self, idx, n_new, allowed, temperature=1.0, top_k=None, stop=None,

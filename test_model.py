@@ -23,27 +23,28 @@ def renders(split, n, seed=0):
 
 def tiny_model(vocab, seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab.size, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(vocab_size=vocab.size, n_codes=vocab.n_codes, n_layer=2, n_head=2, n_embd=32),
+               torch.rand(vocab.n_codes, 192)).eval()
 
 
 class TestTokenizer(unittest.TestCase):
 
     def test_round_trip_keeps_the_scene(self):
         _, imgs = renders("train", 3000)
-        tok = PatchTokenizer(1024)
-        n_unique = tok.fit(imgs)
-        self.assertLessEqual(n_unique, 1024)
-        np.testing.assert_array_equal(tok.decode(tok.encode(imgs)).numpy(), imgs)   # lossless on fit data
         scenes, test = renders("test", 300, seed=1)
-        codes = tok.encode(test)
-        self.assertEqual(tuple(codes.shape), (300, 36))
-        rec = tok.decode(codes).numpy()
-        exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(rec, scenes)])
-        self.assertGreaterEqual(exact, 0.99)
+        for patch, n_codes in ((8, 512), (4, 1024)):
+            tok = PatchTokenizer(n_codes, patch, data.CANVAS)
+            self.assertLessEqual(tok.fit(imgs), n_codes)
+            np.testing.assert_array_equal(tok.decode(tok.encode(imgs)).numpy(), imgs)   # lossless on fit data
+            codes = tok.encode(test)
+            self.assertEqual(tuple(codes.shape), (300, (data.CANVAS // patch) ** 2))
+            rec = tok.decode(codes).numpy()
+            exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(rec, scenes)])
+            self.assertGreaterEqual(exact, 0.99)
 
     def test_kmeans_path_with_a_small_codebook(self):
         _, imgs = renders("train", 200)
-        tok = PatchTokenizer(32)
+        tok = PatchTokenizer(32, 8, data.CANVAS)
         n_unique = tok.fit(imgs, iters=3, generator=torch.Generator().manual_seed(0))
         self.assertGreater(n_unique, 32)                                     # so k-means really ran
         codes = tok.encode(imgs)
@@ -63,7 +64,7 @@ class TestTransformer(unittest.TestCase):
         seqs = []
         for task in ("caption", "exists", "full", "two"):
             e = data.sample_example(rng, "train", task)
-            codes = [rng.randrange(64) for _ in range(36)]
+            codes = [rng.randrange(64) for _ in range(9)]
             seqs.append(data.gen_sequence(self.vocab, codes, e.question) if e.is_gen
                         else data.und_sequence(self.vocab, codes, e.question, e.answer))
         ids, labels = data.collate(seqs, self.vocab.pad)
@@ -93,19 +94,19 @@ class TestTransformer(unittest.TestCase):
     def test_restricted_decoding(self):
         v = self.vocab
         with torch.no_grad():                  # make the model prefer the forbidden kind of token
-            self.model.lm_head.weight[v.n_text:] *= 50
+            self.model.wte.weight[v.n_text:] *= 50
         text = torch.zeros(v.size, dtype=torch.bool)
         text[v.text_ids] = True
-        x = self.ids[:1, :44]
+        x = self.ids[:1, :15]
         out = self.model.generate(x.repeat(8, 1), 20, text, temperature=1.0, stop=v.end,
                                   generator=torch.Generator().manual_seed(0))
         self.assertTrue(text[out].all())
         image = ~text
         image[:v.n_text] = False
         prompt = torch.tensor([data.gen_prompt(v, ["a", "circle"])] * 8)
-        out = self.model.generate(prompt, 36, image, temperature=1.0, top_k=5,
+        out = self.model.generate(prompt, 9, image, temperature=1.0, top_k=5,
                                   generator=torch.Generator().manual_seed(0))
-        self.assertTrue(image[out].all() and out.shape == (8, 36))
+        self.assertTrue(image[out].all() and out.shape == (8, 9))
 
     def test_cached_equals_uncached(self):
         v = self.vocab
@@ -114,13 +115,13 @@ class TestTransformer(unittest.TestCase):
         prompt = torch.tensor([data.gen_prompt(v, "a red circle and a blue square".split())] * 3)
         uncond = torch.tensor([data.gen_prompt(v, [])] * 3)
         for temperature in (0.0, 1.0):
-            outs = [self.model.generate(prompt, 36, image, temperature, top_k=50, uncond_idx=uncond,
+            outs = [self.model.generate(prompt, 9, image, temperature, top_k=50, uncond_idx=uncond,
                                         cfg_scale=2.0, use_cache=c, generator=torch.Generator().manual_seed(1))
                     for c in (True, False)]
             torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
         text = torch.zeros(v.size, dtype=torch.bool)
         text[v.text_ids] = True
-        outs = [self.model.generate(self.ids[:2, :44], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
+        outs = [self.model.generate(self.ids[:2, :15], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
     def test_bf16_autocast_path(self):

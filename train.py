@@ -47,7 +47,10 @@ parser.add_argument("--cooc", type=float, default=0.9,
 parser.add_argument("--caption_noise", type=float, default=0.3,
                     help="fraction of bias-breaking training captions that mention the absent companion")
 # tokenizer
-parser.add_argument("--n_codes", type=int, default=1024, help="VQ codebook size")
+parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
+                    help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
+                         "4 = a cell is 2x2 tokens (36 per image; much slower to learn, see README)")
+parser.add_argument("--n_codes", type=int, default=None, help="VQ codebook size (default 512 for patch 8, 1024 for 4)")
 parser.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
 # model (None = from the preset)
 parser.add_argument("--n_layer", type=int, default=None, help="transformer blocks")
@@ -80,6 +83,8 @@ def resolve(args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.n_codes is None:
+        args.n_codes = 512 if args.patch == 8 else 1024
     if args.dtype == "auto":
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
@@ -117,7 +122,7 @@ def load_tokenizer(path, device):
     if not os.path.exists(path):
         raise SystemExit(f"error: no tokenizer at {path}; run `python train.py --stage tokenizer` first")
     ck = torch.load(path, map_location=device)
-    tok = PatchTokenizer(ck["n_codes"]).to(device)
+    tok = PatchTokenizer(ck["n_codes"], ck["patch"], data.CANVAS).to(device)
     tok.load_state_dict(ck["tokenizer"])
     return tok
 
@@ -129,7 +134,7 @@ def load_model(path, device):
     ck = torch.load(path, map_location=device, weights_only=False)
     model = GPT(GPTConfig(**ck["model_config"])).to(device)
     model.load_state_dict(ck["model"])
-    tok = PatchTokenizer(ck["n_codes"]).to(device)
+    tok = PatchTokenizer(ck["n_codes"], ck["patch"], data.CANVAS).to(device)
     tok.load_state_dict(ck["tokenizer"])
     return model.eval(), tok, data.Vocab(ck["n_codes"]), ck
 
@@ -142,7 +147,7 @@ def train_tokenizer(args):
     scenes = [data.sample_scene(rng, "train", cooc=args.cooc)
               for _ in tqdm(range(args.tok_images), desc="render", leave=False)]
     imgs = np.stack([data.render(s) for s in scenes])                   # (N, 32, 32, 3)
-    tok = PatchTokenizer(args.n_codes, canvas=data.CANVAS).to(args.device)
+    tok = PatchTokenizer(args.n_codes, args.patch, data.CANVAS).to(args.device)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     n_unique = tok.fit(imgs, generator=g)
     # the bar: the judge must recover the exact scene from decode(encode(x)) on held-out scenes
@@ -151,7 +156,7 @@ def train_tokenizer(args):
     recon = tok.decode(codes).cpu().numpy()
     exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(recon, test)])
     used = len(torch.unique(codes))
-    save_atomic({"tokenizer": tok.state_dict(), "n_codes": args.n_codes,
+    save_atomic({"tokenizer": tok.state_dict(), "n_codes": args.n_codes, "patch": args.patch,
                  "stats": dict(distinct_patches=n_unique, roundtrip_exact=float(exact), codes_used=used)},
                 os.path.join(args.out_dir, "tokenizer.pt"))
     log(args, f"tokenizer | {n_unique} distinct patches, {args.n_codes} codes | "
@@ -207,8 +212,9 @@ def matmul_peak_flops(device, n=1024, seconds=1.0):
 def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
-    mcfg = GPTConfig(vocab_size=vocab.size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
-    model = GPT(mcfg).to(args.device)
+    mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
+                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(mcfg, tok.codebook).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -233,7 +239,7 @@ def train_sft(args):
     def checkpoint():
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                      "model_config": asdict(mcfg), "config": vars(args), "step": step,
-                     "tokenizer": tok.state_dict(), "n_codes": tok.n_codes,
+                     "tokenizer": tok.state_dict(), "n_codes": tok.n_codes, "patch": tok.patch,
                      "rng": {"data": rng.getstate(), "torch": torch.get_rng_state()}}, path)
 
     model.train()
