@@ -38,8 +38,8 @@ COLOURS = {"red": (225, 35, 35), "green": (40, 185, 60), "blue": (50, 95, 235),
            "yellow": (235, 215, 40), "purple": (160, 60, 205), "orange": (245, 140, 25)}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
-CELLS = ("top left", "top", "top right", "left", "center", "right",
-         "bottom left", "bottom", "bottom right")      # cell index = 3 * row + col
+# every cell is named by a row word and a column word (cell index = 3 * row + col)
+CELLS = tuple(f"{r} {c}" for r in ("top", "middle", "bottom") for c in ("left", "center", "right"))
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 RELATIONS = ("left of", "right of", "above", "below")
 # (a) the co-occurrence bias: anchor -> companion, like "fork" -> "knife" in COCO

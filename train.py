@@ -25,7 +25,7 @@ import data
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=4, n_embd=128, steps=1500, batch_size=32, lr=3e-3),
+    "quick": dict(n_layer=4, n_head=4, n_embd=128, steps=3000, batch_size=32, lr=3e-3),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
