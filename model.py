@@ -3,7 +3,7 @@ The unified model: an image tokenizer and ONE decoder-only transformer over ONE 
 text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.09818).
 
     image (24, 24, 3) --PatchTokenizer.encode--> 9 codes --(+ n_text)--> tokens in the shared vocab
-    understanding: <und> <boi> 9 codes <eoi> question <ans> | answer <end>
+    understanding: <pad>.. question <boi> 9 codes <eoi> <und> <ans> | answer <end>
     generation:    <gen> prompt <boi> | 9 codes <eoi>
 
 The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 8x8x3
