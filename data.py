@@ -17,7 +17,6 @@ Splits cannot leak: a scene's canonical key (cells, colours, shapes; jitter excl
 into a train or a test bucket, and a few colour+shape combinations never appear in training.
 """
 import hashlib
-import random
 from collections import Counter
 from dataclasses import dataclass
 

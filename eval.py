@@ -205,7 +205,8 @@ if __name__ == "__main__":
     p.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples")
     a = p.parse_args()
     if a.device == "auto":
-        a.device = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+        from train import pick_device
+        a.device = pick_device()
     if a.eval_n <= 0:
         p.error(f"--eval_n must be positive, got {a.eval_n}")
     a.out_dir = a.out_dir or os.path.dirname(os.path.abspath(a.ckpt))

@@ -73,11 +73,17 @@ parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the eva
 parser.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
 
 
+def pick_device():
+    """cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def resolve(args):
     """Fill 'auto' and preset-sized settings in place, and validate them."""
     if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
+        args.device = pick_device()
     if args.preset == "auto":
         args.preset = "gpu" if args.device.startswith("cuda") else "quick"
     for k, v in PRESETS[args.preset].items():
