@@ -17,6 +17,8 @@ Splits cannot leak: a scene's canonical key (cells, colours, shapes; jitter excl
 into a train or a test bucket, and a few colour+shape combinations never appear in training.
 """
 import hashlib
+import math
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -285,6 +287,11 @@ def caption_words(scene, rng=None, noise=0.0):
         free = sorted(set(range(9)) - {o.cell for o in scene})
         if missing and free:
             mentions.append((rng.choice(free), *rng.choice(missing)))
+    return mention_words(mentions)
+
+
+def mention_words(mentions):
+    """[(cell, colour, shape), ...] -> caption words, clauses in cell order."""
     clauses = [f"{col} {shp} {CELLS[cell]}" for cell, col, shp in sorted(mentions)]
     return " , ".join(clauses).split()
 
@@ -448,3 +455,98 @@ def collate(seqs, pad):
     for i, (x, y) in enumerate(seqs):
         ids[i, :len(x)], labels[i, :len(y)] = x, y
     return ids, labels
+
+
+# -----------------------------------------------------------------------------
+# preference pairs for understanding: chosen = faithful, rejected = hallucinating
+
+@dataclass
+class Pair:
+    scene: tuple
+    question: list           # ['describe'] or an exists question
+    chosen: list             # answer words
+    rejected: list
+    source: str              # 'constructed' or 'on-policy'
+    n_edits: int = 1         # constructed pairs: 1 = hard (one subtle error), 2-3 = easy
+
+
+def hallucinate(rng, scene, n_edits):
+    """The faithful caption of `scene` with `n_edits` plausible errors, each either an absent
+    object added at a free cell (usually the missing companion of a present anchor: the
+    co-occurrence bias) or a true mention whose colour or shape is changed."""
+    mentions = [(o.cell, o.colour, o.shape) for o in scene]
+    truth = set(mentions)
+    for _ in range(n_edits):
+        kinds = {(c, s) for _, c, s in mentions} | {o.kind for o in scene}
+        free = sorted(set(range(9)) - {m[0] for m in mentions})
+        comps = [c for a, c in COMPANION.items() if a in kinds and c not in kinds]
+        true_idx = [i for i, m in enumerate(mentions) if m in truth]
+        if free and (comps or rng.random() < 0.5 or not true_idx):
+            kind = rng.choice(comps) if comps and rng.random() < 0.8 else \
+                rng.choice([k for k in TRAIN_KINDS if k not in kinds])
+            mentions.append((rng.choice(free), *kind))
+        else:
+            i = rng.choice(true_idx)
+            cell, col, shp = mentions[i]
+            absent = [k for k in TRAIN_KINDS if k not in kinds]
+            kind = rng.choice([k for k in absent if k[0] == col or k[1] == shp] or absent)
+            mentions[i] = (cell, *kind)
+    return mention_words(mentions)
+
+
+def constructed_pair(rng, scene, task="caption"):
+    """A pair whose rejected side differs from the faithful answer by known errors."""
+    if task == "exists":
+        ex = und_example(rng, scene, "exists")
+        return Pair(scene, ex.question, ex.answer, ["no" if ex.answer == ["yes"] else "yes"], "constructed")
+    n_edits = 1 if rng.random() < 0.5 else rng.randint(2, 3)
+    return Pair(scene, ["describe"], caption_words(scene), hallucinate(rng, scene, n_edits), "constructed", n_edits)
+
+
+def hallucinated_mentions(scene, words):
+    """How many object mentions of a caption are not in the scene (an object = colour + shape
+    at its cell; a right object at a wrong cell counts as a hallucination too)."""
+    truth = {(o.colour, o.shape, o.cell) for o in scene}
+    return sum(m not in truth for m in parse_caption(words))
+
+
+def clauses(words):
+    """Caption words -> one clause (list of words) per mentioned object: DAMA's sub-sentences."""
+    return [c.split() for c in " ".join(words).split(",") if c.split()]
+
+
+def corrupt_image(rng, img, low=0.01, high=0.2):
+    """mDPO's corrupted image: a random-resized crop keeping a uniformly drawn `low`..`high`
+    of the area (aspect ratio 3/4..4/3), resized back to full size. Returns (image, kept area)."""
+    H, W = img.shape[:2]
+    for _ in range(100):
+        target = rng.uniform(low, high) * H * W
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 1 <= w <= W and 1 <= h <= H and low <= w * h / (H * W) <= high:
+            break
+    else:
+        raise RuntimeError("no crop found")
+    x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+    out = Image.fromarray(img).crop((x, y, x + w, y + h)).resize((W, H), Image.BILINEAR)
+    return np.asarray(out), w * h / (H * W)
+
+
+def training_statistics(n=5000, seed=0, cooc=0.9):
+    """Measured on training scenes: how often each object kind appears, and how often each
+    ordered pair of kinds appears together (POPE's popular / adversarial negatives, AMBER's Cog)."""
+    rng = random.Random(seed)
+    freq, pairs = Counter(), Counter()
+    for _ in range(n):
+        kinds = {o.kind for o in sample_scene(rng, "train", cooc=cooc)}
+        freq.update(kinds)
+        pairs.update((a, b) for a in kinds for b in kinds if a != b)
+    return freq, pairs
+
+
+def prone_kinds(scene, freq, pairs, threshold=0.5):
+    """The hallucination-prone absent kinds of a scene: absent objects that, in training, join
+    some present object at least `threshold` of the time."""
+    present = {o.kind for o in scene}
+    return {k for k in TRAIN_KINDS if k not in present
+            and any(pairs[(a, k)] >= threshold * freq[a] for a in present if freq[a])}

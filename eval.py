@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
-from model import amp_context
+from model import amp_context, sequence_logps
 
 
 def _batches(items, key, size):
@@ -95,10 +95,10 @@ def caption_scores(exs, preds):
             "Cover": covered / gold_kinds, "length": float(np.mean([len(p) for p in preds]))}
 
 
-def eval_understanding(model, tok, vocab, split, n, device, dtype, seed):
+def eval_understanding(model, tok, vocab, split, n, device, dtype, seed, tasks=data.UND_TASKS):
     rng = random.Random(seed)
     res, samples = {}, []
-    for task in data.UND_TASKS:
+    for task in tasks:
         exs = [data.und_example(rng, data.sample_scene(rng, split), task) for _ in range(n)]
         preds = answer(model, tok, vocab, exs, device, dtype)
         if task == "caption":
@@ -106,7 +106,7 @@ def eval_understanding(model, tok, vocab, split, n, device, dtype, seed):
             samples = list(zip(exs[:8], preds[:8]))
         else:
             res[task] = float(np.mean([p == e.answer for e, p in zip(exs, preds)]))
-    res["answer_acc"] = float(np.mean([res[t] for t in data.UND_TASKS if t != "caption"]))
+    res["answer_acc"] = float(np.mean([res[t] for t in tasks if t != "caption"]))
     return res, samples
 
 
@@ -192,6 +192,132 @@ def run(ckpt, args):
     print(markdown(res))
     print(f"eval | {ckpt} in {res['seconds']:.0f} s -> {out}.json / .md / .png")
     return res
+
+
+def compare_picture(path, sft_samples, pref_samples, name="mDPO", scale=5):
+    """A PNG: bias-breaking scenes with the SFT and the preference-trained captions; each
+    hallucinated clause (an object not in the scene at that cell) is drawn in red inside [ ]."""
+    side, w_text, pad, line = data.CANVAS * scale, 520, 6, 16
+    canvas = Image.new("RGB", (side + w_text + 2 * pad, len(sft_samples) * (side + pad) + pad), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for r, ((scene, a), (_, b)) in enumerate(zip(sft_samples, pref_samples)):
+        y = pad + r * (side + pad)
+        canvas.paste(Image.fromarray(data.render(scene)).resize((side, side), Image.NEAREST), (pad, y))
+        truth = {(o.colour, o.shape, o.cell) for o in scene}
+        for k, (who, words) in enumerate((("SFT", a), (name, b))):
+            x, yy = side + 2 * pad, y + 4 + 3 * line * k
+            d.text((x, yy), who + ":", fill=(0, 0, 0))
+            x += 40
+            for cl in data.clauses(words):
+                m = data.parse_caption(cl)
+                bad = bool(m) and m[0] not in truth
+                s = ("[" + " ".join(cl) + "]" if bad else " ".join(cl)) + " ,"
+                wdt = d.textlength(s + " ")
+                if x + wdt > side + w_text:
+                    x, yy = side + 2 * pad + 40, yy + line
+                d.text((x, yy), s, fill=(220, 0, 0) if bad else (0, 0, 0))
+                x += wdt
+    canvas.save(path)
+
+
+# -----------------------------------------------------------------------------
+# the hallucination benchmark (preference optimisation for understanding)
+
+def pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs):
+    """POPE: 'is there a <colour> <shape> ?', half present. Negatives: random absent kinds,
+    popular (the 3 absent kinds most frequent in training) or adversarial (the 3 absent kinds
+    that co-occur most with a present object in training). 'yes' is the positive class."""
+    res = {}
+    for mode in ("random", "popular", "adversarial"):
+        rng = random.Random(seed)
+        exs = []
+        for i in range(n):
+            s = data.sample_scene(rng, split)
+            present = sorted({o.kind for o in s})
+            absent = [k for k in data.TRAIN_KINDS if k not in present]
+            if mode == "popular":
+                absent = sorted(absent, key=lambda k: -freq[k])[:3]
+            elif mode == "adversarial":
+                absent = sorted(absent, key=lambda k: -max(pairs[(a, k)] for a in present))[:3]
+            kind, ans = (rng.choice(present), "yes") if i % 2 == 0 else (rng.choice(absent), "no")
+            exs.append(data.Example("exists", s, f"is there a {kind[0]} {kind[1]} ?".split(), [ans]))
+        said = [p == ["yes"] for p in answer(model, tok, vocab, exs, device, dtype)]
+        gold = [e.answer == ["yes"] for e in exs]
+        tp = sum(s and g for s, g in zip(said, gold))
+        prec, rec = tp / max(sum(said), 1), tp / max(sum(gold), 1)
+        res[mode] = {"accuracy": float(np.mean([s == g for s, g in zip(said, gold)])), "precision": prec,
+                     "recall": rec, "F1": 2 * prec * rec / max(prec + rec, 1e-9), "yes_ratio": float(np.mean(said))}
+    return res
+
+
+@torch.no_grad()
+def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
+    """Mean per-token log-likelihood of the true caption with the real image minus with a corrupted
+    one (mDPO's crop). Near 0 = the model answers from the text alone."""
+    rng = random.Random(seed)
+    scenes = [data.sample_scene(rng, split) for _ in range(n)]
+    imgs = np.stack([data.render(s) for s in scenes])
+    crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])
+    gaps = []
+    for k in range(0, n, 256):
+        part = []
+        for x in (imgs, crops):
+            codes = tok.encode(x[k:k + 256]).tolist()
+            seqs = [data.und_sequence(vocab, c, ["describe"], data.caption_words(s))
+                    for c, s in zip(codes, scenes[k:k + 256])]
+            ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs, vocab.pad))
+            with amp_context(device, dtype):
+                part.append(sequence_logps(model(ids), labels).float() / (labels[:, 1:] != -100).sum(1))
+        gaps.append(part[0] - part[1])
+    return torch.cat(gaps).mean().item()
+
+
+def hallucination(model, tok, vocab, n, device, dtype, seed, stats):
+    """Captions on ordinary ('test') and bias-breaking ('bias') held-out scenes: CHAIR_s, CHAIR_i,
+    Cover, Hal, Cog and length; POPE three ways; answer accuracy (the alignment tax); image reliance."""
+    freq, pairs = stats
+    res = {}
+    for split in ("test", "bias"):
+        rng = random.Random(seed)
+        exs = [data.und_example(rng, data.sample_scene(rng, split), "caption") for _ in range(n)]
+        preds = answer(model, tok, vocab, exs, device, dtype)
+        r = caption_scores(exs, preds)
+        r["Hal"] = float(np.mean([data.hallucinated_mentions(e.scene, p) > 0 for e, p in zip(exs, preds)]))
+        prone = [data.prone_kinds(e.scene, freq, pairs) for e in exs]
+        mentions = [[(c, s) for c, s, _ in data.parse_caption(p)] for p in preds]
+        r["Cog"] = sum(k in pr for m, pr in zip(mentions, prone) for k in m) / max(sum(map(len, mentions)), 1)
+        r["POPE"] = pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs)
+        r["answer_acc"] = eval_understanding(model, tok, vocab, split, n, device, dtype, seed,
+                                         tasks=data.UND_TASKS[1:])[0]["answer_acc"]
+        r["image_reliance"] = image_reliance(model, tok, vocab, split, n, device, dtype, seed)
+        res[split] = r
+        res[split + "_samples"] = [(e.scene, p) for e, p in zip(exs[:6], preds[:6])]
+    return res
+
+
+COMPARE_COLS = [("bias", "CHAIR_s"), ("bias", "CHAIR_i"), ("bias", "Cover"), ("bias", "Cog"), ("bias", "length"),
+                ("bias", "POPE adversarial F1"), ("test", "CHAIR_i"), ("test", "Cover"), ("test", "answer_acc"),
+                ("bias", "image_reliance")]
+
+
+def compare_value(r, split, col):
+    if col.startswith("POPE"):
+        _, mode, metric = col.split()
+        return r[split]["POPE"][mode][metric]
+    return r[split][col]
+
+
+def compare_table(rows):
+    """rows: {name: [hallucination() result per seed]} -> a Markdown table of mean +- std."""
+    head = "| method | " + " | ".join(f"{s} {c}" for s, c in COMPARE_COLS) + " |"
+    lines = [head, "|" + "---|" * (len(COMPARE_COLS) + 1)]
+    for name, rs in rows.items():
+        cells = []
+        for s, c in COMPARE_COLS:
+            v = np.array([compare_value(r, s, c) for r in rs])
+            cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
@@ -29,9 +30,19 @@ PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
+# method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
+METHODS = {
+    "dpo": ("dpo", True, {}),
+    "mdpo": ("mdpo", True, {}),
+    "dama": ("dama", True, {}),
+    "dpo_noimage": ("dpo", False, {}),       # mDPO's "unconditional preference" control
+    "mdpo_nocond": ("mdpo", True, {"use_conditional": False}),
+    "mdpo_noanchor": ("mdpo", True, {"use_anchor": False}),
+}
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # run
-parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval"],
+parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval", "pref"],
                     help="which stage to run; 'all' runs every stage in order")
 parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
                     help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
@@ -71,6 +82,19 @@ parser.add_argument("--ckpt_every", type=int, default=500, help="steps between c
 parser.add_argument("--eval_n", type=int, default=200, help="examples per task and split in eval")
 parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples (fixed across runs)")
 parser.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
+# preference optimisation (stage pref; the comparison runs every method)
+parser.add_argument("--method", default="all", choices=["all"] + list(METHODS),
+                    help="preference method of stage pref; 'all' runs the comparison (every method x --pref_seeds)")
+parser.add_argument("--pref_seeds", type=int, default=3, help="seeds of the comparison")
+parser.add_argument("--pairs", type=int, default=1000, help="preference pairs per seed")
+parser.add_argument("--onpolicy", type=float, default=0.5,
+                    help="fraction of pairs sampled from the SFT model and judged (the rest are constructed)")
+parser.add_argument("--exists_frac", type=float, default=0.2,
+                    help="fraction of constructed pairs that answer 'is there a ...?' (the rest are captions)")
+parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
+parser.add_argument("--pref_steps", type=int, default=300, help="preference optimizer steps")
+parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
+parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
 
 
 def pick_device():
@@ -284,6 +308,219 @@ def train_sft(args):
     return path
 
 
+# -----------------------------------------------------------------------------
+# stage 3: preference optimisation for understanding (DPO, mDPO, DAMA and the controls)
+
+def build_pairs(model, tok, vocab, args, rng):
+    """Preference pairs on held-in training scenes, with everything the losses need precomputed:
+    the codes of the real and of the corrupted image, the frozen reference's log-probs (computed
+    ONCE here, then cached) and DAMA's clause scores. Returns a dict of lists and tensors."""
+    import eval as evaluation
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    n_on = int(round(args.pairs * args.onpolicy))
+    pairs = []
+    # on-policy: sample 4 captions per scene from the SFT model at T=1, judge them exactly, and pair a
+    # faithful one (no hallucinated mention) with a hallucinating one, as RLAIF-V-style data is made
+    scenes = [data.sample_scene(rng, "train", cooc=args.cooc) for _ in range(2 * n_on)]
+    exs = [data.Example("caption", s, ["describe"], []) for s in scenes for _ in range(4)]
+    preds = evaluation.answer(model, tok, vocab, exs, args.device, args.dtype, temperature=1.0, generator=g)
+    for i, s in enumerate(scenes):
+        cands = preds[4 * i: 4 * i + 4]
+        good = [p for p in cands if data.parse_caption(p) and data.hallucinated_mentions(s, p) == 0]
+        bad = [p for p in cands if data.hallucinated_mentions(s, p) > 0]
+        if good and bad and len(pairs) < n_on:
+            pairs.append(data.Pair(s, ["describe"], good[0], bad[0], "on-policy"))
+    n_policy = len(pairs)   # scenes where the model was always right or always wrong give no pair
+    while len(pairs) < args.pairs:
+        task = "exists" if rng.random() < args.exists_frac else "caption"
+        pairs.append(data.constructed_pair(rng, data.sample_scene(rng, "train", cooc=args.cooc), task))
+    imgs = np.stack([data.render(p.scene) for p in pairs])
+    crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])   # ONE crop per pair, for policy and reference
+    P = {"pairs": pairs, "codes": tok.encode(imgs).tolist(), "crop_codes": tok.encode(crops).tolist(),
+         "n_onpolicy": n_policy}
+    for images in (True, False):   # reference log-probs with the images, and without (the no-image control)
+        P[f"ref_{int(images)}"] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
+    P["scores"] = clause_scores(model, vocab, P, args)
+    return P
+
+
+def pair_batch(vocab, P, idx, images, corrupted):
+    """The chosen, rejected (and corrupted-image chosen) sequences of pairs `idx`, collated into ONE
+    batch (3B or 2B rows) for one concatenated forward pass."""
+    seqs = [[], [], []]
+    for i in idx:
+        p, c, k = P["pairs"][i], P["codes"][i], P["crop_codes"][i]
+        if not images:   # the unconditional control: every image removed from the preference data
+            c = k = []
+        seqs[0].append(data.und_sequence(vocab, c, p.question, p.chosen))
+        seqs[1].append(data.und_sequence(vocab, c, p.question, p.rejected))
+        seqs[2].append(data.und_sequence(vocab, k, p.question, p.chosen))
+    ids, labels = data.collate(seqs[0] + seqs[1] + (seqs[2] if corrupted else []), vocab.pad)
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def pair_logps(model, vocab, P, idx, images, corrupted, args):
+    """(chosen, rejected, corrupted chosen or None) summed log-probs of pairs `idx`, each (B,)."""
+    ids, labels = pair_batch(vocab, P, idx, images, corrupted)
+    with amp_context(args.device, args.dtype):
+        logps = sequence_logps(model(ids.to(args.device)), labels.to(args.device))   # (2B or 3B,)
+    parts = logps.split(len(idx))
+    return parts[0], parts[1], parts[2] if corrupted else None
+
+
+@torch.no_grad()
+def reference_logps(ref, vocab, P, idx, images, args, batch=256):
+    """(N, 3) float32: the frozen reference's log-probs of chosen, rejected, corrupted chosen."""
+    idx, out = list(idx), []
+    for k in range(0, len(idx), batch):
+        out.append(torch.stack(pair_logps(ref, vocab, P, idx[k:k + batch], images, True, args), 1).float())
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def clause_scores(ref, vocab, P, args):
+    """DAMA's data-aware scores, our stand-in for CLIP: every clause (one object) of both responses
+    is scored by the frozen reference's image-conditioned log-likelihood of that clause alone as
+    a description, per token; a softmax over the clauses of BOTH responses turns these into
+    probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
+    seqs, owner = [], []
+    for i, (p, c) in enumerate(zip(P["pairs"], P["codes"])):
+        prompt = data.und_prompt(vocab, c, p.question)
+        for side, words in enumerate((p.chosen, p.rejected)):
+            for cl in data.clauses(words):      # the clause alone, no <end>: "is this object there?"
+                target = vocab.encode(cl)
+                seqs.append((prompt + target, [-100] * len(prompt) + target))
+                owner.append((i, side))
+    per_token = []
+    for k in range(0, len(seqs), 256):
+        ids, labels = (torch.from_numpy(a).to(args.device) for a in data.collate(seqs[k:k + 256], vocab.pad))
+        with amp_context(args.device, args.dtype):
+            lp = sequence_logps(ref(ids), labels).float()
+        per_token.append((lp / (labels[:, 1:] != -100).sum(1)).cpu())
+    per_token = torch.cat(per_token)                                            # (clauses,)
+    pair_of = torch.tensor([i for i, _ in owner])
+    side_of = torch.tensor([s for _, s in owner])
+    # softmax over the clauses of each pair (both responses together), then sum per response
+    shifted = per_token - torch.zeros(len(P["pairs"])).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
+    e = shifted.exp()
+    prob = e / torch.zeros(len(P["pairs"])).index_add(0, pair_of, e)[pair_of]
+    return torch.zeros(len(P["pairs"]), 2).index_put((pair_of, side_of), prob, accumulate=True)
+
+
+def pref_step_loss(policy, vocab, P, idx, method, args, state):
+    """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA."""
+    kind, images, opts = METHODS[method]
+    corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
+    pc, pr, pk = pair_logps(policy, vocab, P, idx, images, corrupted, args)
+    ref = P[f"ref_{int(images)}"][idx].to(pc.device)                              # (B, 3), cached
+    rc, rr, rk = ref.unbind(1)
+    m = {}
+    if kind == "dpo":
+        losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=args.beta)
+        loss = losses.mean()
+    elif kind == "mdpo":
+        losses, cr, rj, kr = mdpo_loss(pc, pr, rc, rr, pk, rk, beta=args.beta, **opts)
+        loss = losses.mean()
+        m["rewards/imageless_chosen"] = kr.mean().item()
+        m["rewards/imageless_margins"] = (cr - kr).mean().item()
+        m["rewards/imageless_accuracies"] = (cr > kr).float().mean().item()
+    else:
+        s = P["scores"][idx].to(pc.device)
+        losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
+            pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
+            score_gap_mean=P["score_gap_mean"], generator=state["generator"])
+        loss = (losses * keep).sum() / keep.sum()
+        m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
+    m.update(preference_metrics(cr, rj))
+    m["logps/chosen"], m["logps/rejected"] = pc.mean().item(), pr.mean().item()
+    return loss, m
+
+
+def train_pref(args, method, P, sft_path):
+    """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
+    (its log-probs are already cached in P). Writes out_dir/pref_<method>_s<seed>.pt."""
+    policy, tok, vocab, ck = load_model(sft_path, args.device)
+    policy.train()
+    seed_everything(args.seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
+    order, t0, hist = [], time.perf_counter(), []
+    for step in range(1, args.pref_steps + 1):
+        if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
+            order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+        idx, order = order[:args.pref_batch], order[args.pref_batch:]
+        for g in opt.param_groups:
+            g["lr"] = args.pref_lr * min(1.0, step / 10)
+        loss, m = pref_step_loss(policy, vocab, P, idx, method, args, state)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        opt.step()
+        hist.append({"loss": loss.item(), **m})
+        if step % args.log_every == 0 or step == args.pref_steps:
+            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0]}
+            log(args, f"pref {method} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                + f" | {1000 * (time.perf_counter() - t0) / step:.0f} ms/step")
+            hist = []
+    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+    save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
+                 "config": vars(args), "method": method}, path)
+    return path
+
+
+def preference_data(args, sft_path):
+    """The pairs of --seed (every method of that seed trains on the same pairs)."""
+    ref, tok, vocab, _ = load_model(sft_path, args.device)
+    t0 = time.perf_counter()
+    P = build_pairs(ref, tok, vocab, args, random.Random(args.seed))
+    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())   # DAMA's dbar, measured
+    log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
+              f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
+    return P
+
+
+def compare(args):
+    """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
+    with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
+    import copy
+    import eval as evaluation
+    sft = os.path.join(args.out_dir, "sft.pt")
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    seeds = [args.seed + i for i in range(args.pref_seeds)]
+    stats = data.training_statistics(cooc=args.cooc)
+    t0 = time.perf_counter()
+
+    def bench(path):
+        model, tok, vocab, _ = load_model(path, args.device)
+        return evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
+
+    rows = {"sft": [bench(sft)]}
+    for seed in seeds:
+        a = copy.copy(args)
+        a.seed = seed
+        P = preference_data(a, sft)
+        for m in methods:
+            t = time.perf_counter()
+            rows.setdefault(m, []).append(bench(train_pref(a, m, P, sft)))
+            log(args, f"pref {m} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
+    table = evaluation.compare_table(rows)
+    head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
+            f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
+            f"lr {args.pref_lr} | {args.eval_n} held-out scenes per split | {args.device} | "
+            f"{time.perf_counter() - t0:.0f} s\n\n")
+    with open(os.path.join(args.out_dir, "compare.md"), "w") as f:
+        f.write(head + table)
+    with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
+        json.dump({k: [{s: r[s] for s in ("test", "bias")} for r in v] for k, v in rows.items()}, f, indent=1)
+    if "mdpo" in rows:
+        evaluation.compare_picture(os.path.join(args.out_dir, "compare.png"),
+                                   rows["sft"][0]["bias_samples"], rows["mdpo"][0]["bias_samples"])
+    print(head + table)
+    return rows
+
+
 def main(argv=None):
     args = resolve(parser.parse_args(argv))
     os.makedirs(args.out_dir, exist_ok=True)
@@ -297,6 +534,8 @@ def main(argv=None):
     if args.stage in ("all", "eval"):
         import eval as evaluation
         evaluation.run(os.path.join(args.out_dir, "sft.pt"), args)
+    if args.stage in ("all", "pref"):
+        compare(args)
     log(args, f"pipeline | stage {args.stage} finished in {time.perf_counter() - t0:.0f} s")
 
 
