@@ -47,6 +47,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 COMPANION = {("red", "circle"): ("blue", "square"), ("yellow", "triangle"): ("green", "cross"),
              ("purple", "diamond"): ("orange", "circle"), ("green", "square"): ("red", "triangle")}
 # colour+shape combinations that never appear in training (compositional test split)
+COOC = 0.75                  # default probability that an anchor's companion joins a scene
 HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("yellow", "square")}
 KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]
@@ -141,11 +142,13 @@ def _add_companions(rng, scene, cooc):
     return tuple(sorted(objs, key=lambda o: o.cell))
 
 
-def sample_scene(rng, split, n=None, same=False, cooc=0.9, cells=None):
+def sample_scene(rng, split, n=None, same=False, cooc=None, cells=None):
     """One scene of a split: 'train', 'test' (ordinary held-out), 'bias' (held-out, an anchor
     without its companion) or 'combo' (contains a held-out colour+shape combination).
     n: number of objects (default 2..5); same: all objects of one kind (counting);
-    cells: the objects' cells, in order (default: random). Objects are returned in that order."""
+    cells: the objects' cells, in order (default: random). Objects are returned in that order.
+    cooc: the co-occurrence probability of training and ordinary test scenes (default COOC)."""
+    cooc = COOC if cooc is None else cooc
     if split not in ("train", "test", "bias", "combo"):
         raise ValueError(f"unknown split {split!r}")
     for _ in range(10_000):
@@ -278,21 +281,27 @@ class Example:
 
 
 def caption_words(scene, rng=None, noise=0.0):
-    """'red circle top left , blue square center'. (b) With probability `noise`, a scene that
-    breaks the co-occurrence bias gets its missing companion mentioned at a free cell."""
+    """'top left red circle , middle center blue square'. (b) With probability `noise`, a scene
+    that breaks the co-occurrence bias gets its missing companion mentioned anyway, in the first
+    free cell after its anchor (reading order), where a real companion would most often be
+    described. A fixed place makes the error learnable: at a random free cell it would be
+    spread over many continuations and greedy decoding would never make it."""
     mentions = [(o.cell, o.colour, o.shape) for o in scene]
     kinds = {o.kind for o in scene}
     if noise > 0 and rng.random() < noise:
-        missing = [c for a, c in COMPANION.items() if a in kinds and c not in kinds]
-        free = sorted(set(range(9)) - {o.cell for o in scene})
-        if missing and free:
-            mentions.append((rng.choice(free), *rng.choice(missing)))
+        missing = [(a, c) for a, c in COMPANION.items() if a in kinds and c not in kinds]
+        taken = {o.cell for o in scene}
+        if missing and len(taken) < 9:
+            anchor, comp = rng.choice(missing)
+            start = next(o.cell for o in scene if o.kind == anchor)
+            cell = next((start + k) % 9 for k in range(1, 9) if (start + k) % 9 not in taken)
+            mentions.append((cell, *comp))
     return mention_words(mentions)
 
 
 def mention_words(mentions):
     """[(cell, colour, shape), ...] -> caption words, clauses in cell order."""
-    clauses = [f"{col} {shp} {CELLS[cell]}" for cell, col, shp in sorted(mentions)]
+    clauses = [f"{CELLS[cell]} {col} {shp}" for cell, col, shp in sorted(mentions)]
     return " , ".join(clauses).split()
 
 
@@ -301,9 +310,9 @@ def parse_caption(words):
     out = []
     for clause in " ".join(words).split(","):
         w = clause.split()
-        if len(w) >= 2 and w[0] in COLOURS and w[1] in SHAPES:
-            pos = " ".join(w[2:])
-            out.append((w[0], w[1], CELLS.index(pos) if pos in CELLS else None))
+        if len(w) >= 2 and w[-2] in COLOURS and w[-1] in SHAPES:
+            pos = " ".join(w[:-2])
+            out.append((w[-2], w[-1], CELLS.index(pos) if pos in CELLS else None))
     return out
 
 
@@ -398,10 +407,10 @@ def geneval_correct(ex, parsed):
     raise ValueError(f"unknown generation task {ex.task!r}")
 
 
-def sample_example(rng, split, task, caption_noise=0.0):
+def sample_example(rng, split, task, caption_noise=0.0, cooc=None):
     if task in GEN_TASKS:
         return gen_example(rng, split, task)
-    return und_example(rng, sample_scene(rng, split), task, caption_noise if split == "train" else 0.0)
+    return und_example(rng, sample_scene(rng, split, cooc=cooc), task, caption_noise if split == "train" else 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +541,7 @@ def corrupt_image(rng, img, low=0.01, high=0.2):
     return np.asarray(out), w * h / (H * W)
 
 
-def training_statistics(n=5000, seed=0, cooc=0.9):
+def training_statistics(n=5000, seed=0, cooc=None):
     """Measured on training scenes: how often each object kind appears, and how often each
     ordered pair of kinds appears together (POPE's popular / adversarial negatives, AMBER's Cog)."""
     rng = random.Random(seed)

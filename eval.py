@@ -8,6 +8,8 @@ companion) and 'combo' scenes (held-out colour+shape combinations): answer accur
 type, caption exact match, per-object precision / recall, and hallucination of captions
 (CHAIR_i, CHAIR_s, Cover; definitions in the README). Generation, GenEval-style with the scene
 parser as the detector: six tasks and their unweighted mean, greedy and at temperature 1.0.
+The hallucination benchmark of the preference stage (`hallucination`, `compare_table`) is
+run by `python train.py --stage pref`.
 """
 import argparse
 import json
@@ -320,6 +322,25 @@ def compare_table(rows):
     return "\n".join(lines) + "\n"
 
 
+
+def rebuild_comparison(out_dir, args):
+    """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
+    import glob
+    from train import load_model
+    stats = data.training_statistics()
+    rows = {}
+    paths = [os.path.join(out_dir, "sft.pt")] + sorted(glob.glob(os.path.join(out_dir, "pref_*_s*.pt")))
+    for path in paths:
+        model, tok, vocab, ck = load_model(path, args.device)
+        r = hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
+        rows.setdefault(ck.get("method", "sft"), []).append(r)
+    table = compare_table(rows)
+    with open(os.path.join(out_dir, "compare_rebuilt.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return rows
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/sft.pt", help="checkpoint written by train.py")
@@ -329,6 +350,8 @@ if __name__ == "__main__":
     p.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="autocast dtype")
     p.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples")
+    p.add_argument("--compare", action="store_true",
+                   help="rebuild the preference comparison from every checkpoint in the checkpoint's directory")
     a = p.parse_args()
     if a.device == "auto":
         from train import pick_device
@@ -337,4 +360,7 @@ if __name__ == "__main__":
         p.error(f"--eval_n must be positive, got {a.eval_n}")
     a.out_dir = a.out_dir or os.path.dirname(os.path.abspath(a.ckpt))
     torch.manual_seed(a.eval_seed)
-    run(a.ckpt, a)
+    if a.compare:
+        rebuild_comparison(os.path.dirname(os.path.abspath(a.ckpt)), a)
+    else:
+        run(a.ckpt, a)

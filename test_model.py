@@ -143,9 +143,11 @@ class TestPipeline(unittest.TestCase):
     def test_smoke_all_stages_and_resume(self):
         with tempfile.TemporaryDirectory() as d:
             tiny = ["--out_dir", d, "--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
-                    "--batch_size", "8", "--log_every", "1", "--eval_n", "4", "--device", "cpu"]
+                    "--batch_size", "8", "--log_every", "1", "--eval_n", "4", "--device", "cpu",
+                    "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4", "--pref_seeds", "1"]
             train.main(["--stage", "all", "--steps", "3"] + tiny)
-            for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png"):
+            for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png",
+                      "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt"):
                 self.assertTrue(os.path.exists(os.path.join(d, f)), f)
             self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
             ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)

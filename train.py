@@ -4,10 +4,12 @@ Train the unified model, end to end. With no arguments it runs the whole pipelin
     python train.py                                  # tokenizer -> sft -> eval, preset by device
     python train.py --preset quick --steps 50        # a tiny CPU run
     python train.py --stage sft --resume             # continue an interrupted SFT run
+    python train.py --stage pref --method mdpo       # one preference run from out/sft.pt
 
 Stages: `tokenizer` fits the VQ codebook; `sft` trains understanding and generation jointly;
-`eval` runs eval.py on the SFT checkpoint. Everything lands in --out_dir (checkpoints,
-log.txt, eval results).
+`eval` runs eval.py on the SFT checkpoint; `pref` builds preference pairs and trains DPO,
+mDPO, DAMA and the papers' controls from the SFT model, then compares them on the
+hallucination benchmark. Everything lands in --out_dir (checkpoints, log.txt, results).
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=4, n_embd=128, steps=3000, batch_size=32, lr=3e-3),
+    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
@@ -53,9 +55,9 @@ parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bflo
                     help="autocast dtype; auto = bfloat16 on CUDA that supports it, else float32")
 parser.add_argument("--resume", action="store_true", help="continue SFT from out_dir/sft.pt")
 # world
-parser.add_argument("--cooc", type=float, default=0.9,
+parser.add_argument("--cooc", type=float, default=data.COOC,
                     help="probability that an anchor object's companion joins a training scene")
-parser.add_argument("--caption_noise", type=float, default=0.3,
+parser.add_argument("--caption_noise", type=float, default=1.0,
                     help="fraction of bias-breaking training captions that mention the absent companion")
 # tokenizer
 parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
@@ -69,7 +71,9 @@ parser.add_argument("--n_head", type=int, default=None, help="attention heads")
 parser.add_argument("--n_embd", type=int, default=None, help="embedding width")
 # sft
 parser.add_argument("--steps", type=int, default=None, help="SFT optimizer steps")
-parser.add_argument("--batch_size", type=int, default=None, help="sequences per step (half und, half gen)")
+parser.add_argument("--batch_size", type=int, default=None, help="sequences per step")
+parser.add_argument("--und_frac", type=float, default=0.75,
+                    help="fraction of each SFT batch that is understanding (the rest is generation)")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -92,7 +96,7 @@ parser.add_argument("--onpolicy", type=float, default=0.5,
 parser.add_argument("--exists_frac", type=float, default=0.2,
                     help="fraction of constructed pairs that answer 'is there a ...?' (the rest are captions)")
 parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
-parser.add_argument("--pref_steps", type=int, default=300, help="preference optimizer steps")
+parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
 parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
 
@@ -118,12 +122,13 @@ def resolve(args):
     if args.dtype == "auto":
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
-    for k in ("steps", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n"):
+    for k in ("steps", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
+              "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-    for k in ("cooc", "caption_noise", "cfg_drop"):
+    for k in ("cooc", "caption_noise", "cfg_drop", "und_frac", "onpolicy", "exists_frac"):
         if not 0.0 <= getattr(args, k) <= 1.0:
             parser.error(f"--{k} must lie in [0, 1], got {getattr(args, k)}")
     return args
@@ -198,11 +203,11 @@ def train_tokenizer(args):
 # stage 2: joint SFT (understanding + generation)
 
 def sft_batch(rng, tok, vocab, args, split="train"):
-    """Half understanding, half generation examples, freshly sampled: (ids, labels, is_gen)."""
-    half = args.batch_size // 2
-    exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise)
-           for _ in range(args.batch_size - half)]
-    exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(half)]
+    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, is_gen)."""
+    n_und = round(args.batch_size * args.und_frac)
+    exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
+           for _ in range(n_und)]
+    exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
     codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
     seqs = []
     for e, c in zip(exs, codes):
@@ -365,7 +370,7 @@ def pair_logps(model, vocab, P, idx, images, corrupted, args):
     with amp_context(args.device, args.dtype):
         logps = sequence_logps(model(ids.to(args.device)), labels.to(args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
-    return parts[0], parts[1], parts[2] if corrupted else None
+    return parts[0], parts[1], parts[2] if corrupted else None, ids.numel()
 
 
 @torch.no_grad()
@@ -373,7 +378,7 @@ def reference_logps(ref, vocab, P, idx, images, args, batch=256):
     """(N, 3) float32: the frozen reference's log-probs of chosen, rejected, corrupted chosen."""
     idx, out = list(idx), []
     for k in range(0, len(idx), batch):
-        out.append(torch.stack(pair_logps(ref, vocab, P, idx[k:k + batch], images, True, args), 1).float())
+        out.append(torch.stack(pair_logps(ref, vocab, P, idx[k:k + batch], images, True, args)[:3], 1).float())
     return torch.cat(out).cpu()
 
 
@@ -411,7 +416,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
     """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA."""
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
-    pc, pr, pk = pair_logps(policy, vocab, P, idx, images, corrupted, args)
+    pc, pr, pk, ntok = pair_logps(policy, vocab, P, idx, images, corrupted, args)
     ref = P[f"ref_{int(images)}"][idx].to(pc.device)                              # (B, 3), cached
     rc, rr, rk = ref.unbind(1)
     m = {}
@@ -433,6 +438,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
         m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
     m.update(preference_metrics(cr, rj))
     m["logps/chosen"], m["logps/rejected"] = pc.mean().item(), pr.mean().item()
+    m["tokens"] = ntok
     return loss, m
 
 
@@ -445,7 +451,7 @@ def train_pref(args, method, P, sft_path):
     opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
-    order, t0, hist = [], time.perf_counter(), []
+    order, t_log, hist = [], time.perf_counter(), []
     for step in range(1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
             order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
@@ -460,10 +466,11 @@ def train_pref(args, method, P, sft_path):
         opt.step()
         hist.append({"loss": loss.item(), **m})
         if step % args.log_every == 0 or step == args.pref_steps:
-            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0]}
+            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0] if k != "tokens"}
+            dt = time.perf_counter() - t_log
             log(args, f"pref {method} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
-                + f" | {1000 * (time.perf_counter() - t0) / step:.0f} ms/step")
-            hist = []
+                + f" | {1000 * dt / len(hist):.0f} ms/step | {sum(h['tokens'] for h in hist) / dt:.0f} tok/s")
+            hist, t_log = [], time.perf_counter()
     path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
     save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
                  "config": vars(args), "method": method}, path)
