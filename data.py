@@ -479,10 +479,11 @@ class Pair:
     n_edits: int = 1         # constructed pairs: 1 = hard (one subtle error), 2-3 = easy
 
 
-def hallucinate(rng, scene, n_edits):
-    """The faithful caption of `scene` with `n_edits` plausible errors, each either an absent
-    object added at a free cell (usually the missing companion of a present anchor: the
-    co-occurrence bias) or a true mention whose colour or shape is changed."""
+def hallucinate(rng, scene, n_edits, keep_length=False):
+    """The faithful caption of `scene` with up to `n_edits` plausible errors, each either an
+    absent object added at a free cell (usually the missing companion of a present anchor: the
+    co-occurrence bias) or a true mention whose colour or shape is changed. keep_length: never
+    add; the absent object REPLACES a true mention instead, so both captions have equal length."""
     mentions = [(o.cell, o.colour, o.shape) for o in scene]
     truth = set(mentions)
     for _ in range(n_edits):
@@ -490,26 +491,31 @@ def hallucinate(rng, scene, n_edits):
         free = sorted(set(range(9)) - {m[0] for m in mentions})
         comps = [c for a, c in COMPANION.items() if a in kinds and c not in kinds]
         true_idx = [i for i, m in enumerate(mentions) if m in truth]
-        if free and (comps or rng.random() < 0.5 or not true_idx):
-            kind = rng.choice(comps) if comps and rng.random() < 0.8 else \
-                rng.choice([k for k in TRAIN_KINDS if k not in kinds])
+        absent = [k for k in TRAIN_KINDS if k not in kinds]
+        if keep_length and not true_idx:
+            break
+        if not keep_length and free and (comps or rng.random() < 0.5 or not true_idx):
+            kind = rng.choice(comps) if comps and rng.random() < 0.8 else rng.choice(absent)
             mentions.append((rng.choice(free), *kind))
+            continue
+        i = rng.choice(true_idx)
+        cell, col, shp = mentions[i]
+        if keep_length and comps and rng.random() < 0.8:
+            kind = rng.choice(comps)                     # the companion, in a true object's place
         else:
-            i = rng.choice(true_idx)
-            cell, col, shp = mentions[i]
-            absent = [k for k in TRAIN_KINDS if k not in kinds]
             kind = rng.choice([k for k in absent if k[0] == col or k[1] == shp] or absent)
-            mentions[i] = (cell, *kind)
+        mentions[i] = (cell, *kind)
     return mention_words(mentions)
 
 
-def constructed_pair(rng, scene, task="caption"):
+def constructed_pair(rng, scene, task="caption", keep_length=False):
     """A pair whose rejected side differs from the faithful answer by known errors."""
     if task == "exists":
         ex = und_example(rng, scene, "exists")
         return Pair(scene, ex.question, ex.answer, ["no" if ex.answer == ["yes"] else "yes"], "constructed")
-    n_edits = 1 if rng.random() < 0.5 else rng.randint(2, 3)
-    return Pair(scene, ["describe"], caption_words(scene), hallucinate(rng, scene, n_edits), "constructed", n_edits)
+    rejected = hallucinate(rng, scene, 1 if rng.random() < 0.5 else rng.randint(2, 3), keep_length)
+    return Pair(scene, ["describe"], caption_words(scene), rejected, "constructed",
+                hallucinated_mentions(scene, rejected))
 
 
 def hallucinated_mentions(scene, words):

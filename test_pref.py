@@ -23,7 +23,8 @@ def tiny_setup(n_pairs=24, seed=0):
     vocab = data.Vocab(512)
     model = tiny_model(vocab, seed)
     args = types.SimpleNamespace(device="cpu", dtype="float32", seed=seed, pairs=n_pairs, onpolicy=0.5,
-                                 exists_frac=0.3, cooc=0.9, beta=0.1, grad_clip=1.0)
+                                 exists_frac=0.3, cooc=0.9, beta=0.1, grad_clip=1.0,
+                                 length_matched=False)
     P = train.build_pairs(model, tok, vocab, args, random.Random(seed))
     P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
     return tok, vocab, model, args, P
@@ -51,6 +52,15 @@ class TestPairs(unittest.TestCase):
                 self.assertEqual(p.chosen, [truth])
                 self.assertNotEqual(p.rejected, p.chosen)
         self.assertGreater(companions, 50)   # the errors lean on the co-occurrence bias
+
+    def test_length_matched_pairs(self):
+        rng = random.Random(2)
+        for _ in range(300):
+            s = data.sample_scene(rng, "train")
+            p = data.constructed_pair(rng, s, "caption", keep_length=True)
+            self.assertEqual(len(p.rejected), len(p.chosen))
+            self.assertGreater(data.hallucinated_mentions(s, p.rejected), 0)
+            self.assertEqual(data.hallucinated_mentions(s, p.rejected), p.n_edits)
 
     def test_crop_keeps_1_to_20_percent(self):
         rng = random.Random(0)

@@ -95,6 +95,8 @@ parser.add_argument("--onpolicy", type=float, default=0.5,
                     help="fraction of pairs sampled from the SFT model and judged (the rest are constructed)")
 parser.add_argument("--exists_frac", type=float, default=0.2,
                     help="fraction of constructed pairs that answer 'is there a ...?' (the rest are captions)")
+parser.add_argument("--length_matched", action="store_true",
+                    help="rejected captions as long as chosen ones (errors replace objects instead of adding them)")
 parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
 parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
@@ -333,12 +335,15 @@ def build_pairs(model, tok, vocab, args, rng):
         cands = preds[4 * i: 4 * i + 4]
         good = [p for p in cands if data.parse_caption(p) and data.hallucinated_mentions(s, p) == 0]
         bad = [p for p in cands if data.hallucinated_mentions(s, p) > 0]
+        if args.length_matched and good:   # only hallucinating samples as long as the faithful one
+            bad = [p for p in bad if len(p) == len(good[0])]
         if good and bad and len(pairs) < n_on:
             pairs.append(data.Pair(s, ["describe"], good[0], bad[0], "on-policy"))
     n_policy = len(pairs)   # scenes where the model was always right or always wrong give no pair
     while len(pairs) < args.pairs:
         task = "exists" if rng.random() < args.exists_frac else "caption"
-        pairs.append(data.constructed_pair(rng, data.sample_scene(rng, "train", cooc=args.cooc), task))
+        pairs.append(data.constructed_pair(rng, data.sample_scene(rng, "train", cooc=args.cooc), task,
+                                           args.length_matched))
     imgs = np.stack([data.render(p.scene) for p in pairs])
     crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])   # ONE crop per pair, for policy and reference
     P = {"pairs": pairs, "codes": tok.encode(imgs).tolist(), "crop_codes": tok.encode(crops).tolist(),
