@@ -310,14 +310,14 @@ def compare_value(r, split, col):
 
 
 def compare_table(rows):
-    """rows: {name: [hallucination() result per seed]} -> a Markdown table of mean +- std."""
+    """rows: {name: [hallucination() result per seed]} -> a Markdown table of mean +- sample std."""
     head = "| method | " + " | ".join(f"{s} {c}" for s, c in COMPARE_COLS) + " |"
     lines = [head, "|" + "---|" * (len(COMPARE_COLS) + 1)]
     for name, rs in rows.items():
         cells = []
         for s, c in COMPARE_COLS:
             v = np.array([compare_value(r, s, c) for r in rs])
-            cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v.mean():.3f}")
+            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,11 +327,11 @@ def rebuild_comparison(out_dir, args):
     """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
     import glob
     from train import load_model
-    stats = data.training_statistics()
-    rows = {}
+    rows, stats = {}, None
     paths = [os.path.join(out_dir, "sft.pt")] + sorted(glob.glob(os.path.join(out_dir, "pref_*_s*.pt")))
     for path in paths:
         model, tok, vocab, ck = load_model(path, args.device)
+        stats = stats or data.training_statistics(cooc=ck["config"].get("cooc"))   # the run's own bias
         r = hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
         rows.setdefault(ck.get("method", "sft"), []).append(r)
     table = compare_table(rows)

@@ -333,7 +333,9 @@ def build_pairs(model, tok, vocab, args, rng):
     preds = evaluation.answer(model, tok, vocab, exs, args.device, args.dtype, temperature=1.0, generator=g)
     for i, s in enumerate(scenes):
         cands = preds[4 * i: 4 * i + 4]
-        good = [p for p in cands if data.parse_caption(p) and data.hallucinated_mentions(s, p) == 0]
+        # faithful = well formed (every clause parses) and no hallucinated mention
+        good = [p for p in cands if data.parse_caption(p) and len(data.parse_caption(p)) == len(data.clauses(p))
+                and data.hallucinated_mentions(s, p) == 0]
         bad = [p for p in cands if data.hallucinated_mentions(s, p) > 0]
         if args.length_matched and good:   # only hallucinating samples as long as the faithful one
             bad = [p for p in bad if len(p) == len(good[0])]
@@ -390,17 +392,20 @@ def reference_logps(ref, vocab, P, idx, images, args, batch=256):
 @torch.no_grad()
 def clause_scores(ref, vocab, P, args):
     """DAMA's data-aware scores, our stand-in for CLIP: every clause (one object) of both responses
-    is scored by the frozen reference's image-conditioned log-likelihood of that clause alone as
-    a description, per token; a softmax over the clauses of BOTH responses turns these into
-    probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
+    is scored by the frozen reference's log-likelihood of that clause given the image and the
+    clauses before it (in context: scored alone, every clause would be judged as the FIRST
+    object of a caption), per token; a softmax over the clauses of BOTH responses turns these
+    into probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
     seqs, owner = [], []
     for i, (p, c) in enumerate(zip(P["pairs"], P["codes"])):
         prompt = data.und_prompt(vocab, c, p.question)
         for side, words in enumerate((p.chosen, p.rejected)):
-            for cl in data.clauses(words):      # the clause alone, no <end>: "is this object there?"
-                target = vocab.encode(cl)
-                seqs.append((prompt + target, [-100] * len(prompt) + target))
+            before = []
+            for cl in data.clauses(words):
+                context, target = prompt + vocab.encode(before), vocab.encode(cl)
+                seqs.append((context + target, [-100] * len(context) + target))
                 owner.append((i, side))
+                before += cl + [","]
     per_token = []
     for k in range(0, len(seqs), 256):
         ids, labels = (torch.from_numpy(a).to(args.device) for a in data.collate(seqs[k:k + 256], vocab.pad))
