@@ -253,6 +253,17 @@ def pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs):
 
 
 @torch.no_grad()
+def mean_token_logps(model, vocab, seqs, device, dtype, batch=256):
+    """[(ids, labels), ...] -> (N,) float32 on the CPU: the mean log-prob of each sequence's labelled tokens."""
+    out = []
+    for k in range(0, len(seqs), batch):
+        ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs[k:k + batch], vocab.pad))
+        with amp_context(device, dtype):
+            lp = sequence_logps(model(ids), labels).float()
+        out.append((lp / (labels[:, 1:] != -100).sum(1)).cpu())
+    return torch.cat(out)
+
+
 def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
     """Mean per-token log-likelihood of the true caption with the real image minus with a corrupted
     one (mDPO's crop). Near 0 = the model answers from the text alone."""
@@ -260,18 +271,10 @@ def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
     scenes = [data.sample_scene(rng, split) for _ in range(n)]
     imgs = np.stack([data.render(s) for s in scenes])
     crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])
-    gaps = []
-    for k in range(0, n, 256):
-        part = []
-        for x in (imgs, crops):
-            codes = tok.encode(x[k:k + 256]).tolist()
-            seqs = [data.und_sequence(vocab, c, ["describe"], data.caption_words(s))
-                    for c, s in zip(codes, scenes[k:k + 256])]
-            ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs, vocab.pad))
-            with amp_context(device, dtype):
-                part.append(sequence_logps(model(ids), labels).float() / (labels[:, 1:] != -100).sum(1))
-        gaps.append(part[0] - part[1])
-    return torch.cat(gaps).mean().item()
+    lp = [mean_token_logps(model, vocab, [data.und_sequence(vocab, c, ["describe"], data.caption_words(s))
+                                          for c, s in zip(tok.encode(x).tolist(), scenes)], device, dtype)
+          for x in (imgs, crops)]
+    return (lp[0] - lp[1]).mean().item()
 
 
 def hallucination(model, tok, vocab, n, device, dtype, seed, stats):

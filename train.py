@@ -406,13 +406,8 @@ def clause_scores(ref, vocab, P, args):
                 seqs.append((context + target, [-100] * len(context) + target))
                 owner.append((i, side))
                 before += cl + [","]
-    per_token = []
-    for k in range(0, len(seqs), 256):
-        ids, labels = (torch.from_numpy(a).to(args.device) for a in data.collate(seqs[k:k + 256], vocab.pad))
-        with amp_context(args.device, args.dtype):
-            lp = sequence_logps(ref(ids), labels).float()
-        per_token.append((lp / (labels[:, 1:] != -100).sum(1)).cpu())
-    per_token = torch.cat(per_token)                                            # (clauses,)
+    import eval as evaluation
+    per_token = evaluation.mean_token_logps(ref, vocab, seqs, args.device, args.dtype)   # (clauses,)
     pair_of = torch.tensor([i for i, _ in owner])
     side_of = torch.tensor([s for _, s in owner])
     # softmax over the clauses of each pair (both responses together), then sum per response
