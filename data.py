@@ -273,7 +273,6 @@ class Example:
     scene: tuple             # the image's ground truth (for generation: the target image)
     question: list           # understanding: question words; generation: prompt words
     answer: list             # understanding: answer words; generation: [] (the image is the answer)
-    relation: str = None     # generation 'position' prompts only
 
     @property
     def is_gen(self):
@@ -371,7 +370,7 @@ def gen_example(rng, split, task):
     if task == "attribution":
         return Example(task, scene, f"a {a.colour} {a.shape} and a {b.colour} {b.shape}".split(), [])
     if task == "position":
-        return Example(task, scene, f"a {a.shape} {rel} a {b.shape}".split(), [], rel)
+        return Example(task, scene, f"a {a.shape} {rel} a {b.shape}".split(), [])
     raise ValueError(f"unknown generation task {task!r}")
 
 
@@ -382,29 +381,78 @@ def relation_holds(a, b, rel, margin=2.0):
             "above": ya < yb - margin, "below": ya > yb + margin}[rel]
 
 
-def geneval_correct(ex, parsed):
-    """Is a generated image (already parsed) correct for its prompt? GenEval's rules: the named
-    objects must be present (extra objects are allowed, except that counting is exact)."""
-    kinds = [o.kind for o in parsed]
-    shapes = [o.shape for o in parsed]
+def prompt_checks(ex, parsed):
+    """The checks a generated image (already parsed) must pass for its prompt, each True or False:
+    the named objects, their colours, the count, the relation. GenEval's rules, split up so that
+    a wrong image can be PARTLY right: the mean of the checks is the parser's score of a sample
+    (it ranks generation preference pairs) and all pass exactly when `geneval_correct`.
+    The checks read only the prompt's words and the image, never the scene the prompt came from.
+    Extra objects are allowed, except that counting is exact and 'full' asks for the exact scene."""
+    kinds = {o.kind for o in parsed}
+    shapes = {o.shape for o in parsed}
     w = ex.question
     if ex.task == "full":
-        return scene_key(parsed) == scene_key(ex.scene)
+        want = {(cell, colour, shape) for colour, shape, cell in parse_caption(w)}
+        got = {(o.cell, o.colour, o.shape) for o in parsed}
+        return [m in got for m in sorted(want)] + [got <= want]
     if ex.task == "single":
-        return w[1] in shapes
+        return [w[1] in shapes]
     if ex.task == "colours":
-        return (w[1], w[2]) in kinds
+        return [w[2] in shapes, (w[1], w[2]) in kinds]
     if ex.task == "two":
-        return w[1] in shapes and w[4] in shapes
+        return [w[1] in shapes, w[4] in shapes]
     if ex.task == "attribution":
-        return (w[1], w[2]) in kinds and (w[5], w[6]) in kinds
+        return [w[2] in shapes, w[6] in shapes, (w[1], w[2]) in kinds, (w[5], w[6]) in kinds]
     if ex.task == "counting":
-        return kinds.count((w[1], ex.scene[0].shape)) == NUMBERS.index(w[0])
+        shape = next(s for s, p in PLURAL.items() if p == w[2])
+        n = sum(o.kind == (w[1], shape) for o in parsed)
+        return [shape in shapes, (w[1], shape) in kinds, n == NUMBERS.index(w[0])]
     if ex.task == "position":
         A = [o for o in parsed if o.shape == w[1]]
         B = [o for o in parsed if o.shape == w[-1]]
-        return any(relation_holds(a, b, ex.relation) for a in A for b in B)
+        rel = " ".join(w[2:-2])
+        return [bool(A), bool(B), any(relation_holds(a, b, rel) for a in A for b in B)]
     raise ValueError(f"unknown generation task {ex.task!r}")
+
+
+def geneval_correct(ex, parsed):
+    """Is a generated image (already parsed) correct for its prompt? Every check passes."""
+    return all(prompt_checks(ex, parsed))
+
+
+def prompt_score(ex, parsed):
+    """The parser's score of a generated image: the fraction of the prompt's checks it passes."""
+    checks = prompt_checks(ex, parsed)
+    return sum(checks) / len(checks)
+
+
+# words that can be swapped for another of their group without breaking the grammar
+SWAPS = (tuple(COLOURS), SHAPES, tuple(PLURAL.values()), NUMBERS[2:], ("top", "middle", "bottom"),
+         ("left", "center", "right"), ("above", "below"))
+
+
+def corrupt_prompt(rng, words):
+    """The generation prompt with ONE attribute changed: a colour, shape, number, cell or relation
+    word replaced by another of its group. The mDPO-style corrupted condition for generation (ours).
+    A shape never becomes one the prompt already names ('a square and a square' asks for less),
+    and no held-out colour+shape combination appears, so corrupted prompts do not leak that split."""
+    singular = {p: s for s, p in PLURAL.items()}
+
+    def options(i):
+        if i + 1 < len(words) and words[i + 1] == "of":          # 'left of' is a relation, not a cell
+            group = ("left", "right")
+        else:
+            group = next((g for g in SWAPS if words[i] in g), ())
+        return [x for x in group if x != words[i] and not (group is SHAPES and x in words)]
+
+    spots = [i for i in range(len(words)) if options(i)]
+    while True:
+        i = rng.choice(spots)
+        new = list(words)
+        new[i] = rng.choice(options(i))
+        combos = {(a, singular.get(b, b)) for a, b in zip(new, new[1:]) if a in COLOURS}
+        if not combos & HELD_OUT:
+            return new
 
 
 def sample_example(rng, split, task, caption_noise=0.0, cooc=None):

@@ -57,14 +57,16 @@ def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max
 
 @torch.no_grad()
 def draw(model, tok, vocab, prompts, device, dtype="float32", temperature=0.0, cfg_scale=0.0,
-         generator=None, batch=256, use_cache=True):
+         generator=None, batch=256, use_cache=True, return_codes=False):
     """Generation: one (H, W, 3) uint8 image per prompt (list of words); decoding restricted
-    to image codes, classifier-free guidance against the prompt-less request."""
+    to image codes, classifier-free guidance against the prompt-less request.
+    return_codes: also return the sampled tokenizer codes, a list of lists."""
     seqs = [data.gen_prompt(vocab, p) for p in prompts]
     allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
     allowed[vocab.image_ids] = True
     n = tok.grid ** 2
     imgs = np.zeros((len(prompts), tok.canvas, tok.canvas, 3), np.uint8)
+    all_codes = [None] * len(prompts)
     for idx in _batches(seqs, len, batch):
         x = torch.tensor([seqs[i] for i in idx], device=device)
         uncond = torch.tensor([data.gen_prompt(vocab, [])] * len(idx), device=device) if cfg_scale else None
@@ -72,7 +74,9 @@ def draw(model, tok, vocab, prompts, device, dtype="float32", temperature=0.0, c
             codes = model.generate(x, n, allowed, temperature, uncond_idx=uncond, cfg_scale=cfg_scale,
                                    use_cache=use_cache, generator=generator)
         imgs[idx] = tok.decode(codes - vocab.n_text).cpu().numpy()
-    return imgs
+        for i, row in zip(idx, (codes - vocab.n_text).tolist()):
+            all_codes[i] = row
+    return (imgs, all_codes) if return_codes else imgs
 
 
 def caption_scores(exs, preds):

@@ -144,10 +144,11 @@ class TestPipeline(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             tiny = ["--out_dir", d, "--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
                     "--batch_size", "8", "--log_every", "1", "--eval_n", "4", "--device", "cpu",
-                    "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4", "--pref_seeds", "1"]
+                    "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4", "--pref_seeds", "1",
+                    "--gen_pairs", "6", "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4"]
             train.main(["--stage", "all", "--steps", "3"] + tiny)
             for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png",
-                      "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt"):
+                      "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt", "study.md", "study.json"):
                 self.assertTrue(os.path.exists(os.path.join(d, f)), f)
             self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
             ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)

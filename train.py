@@ -1,15 +1,18 @@
 """
 Train the unified model, end to end. With no arguments it runs the whole pipeline:
 
-    python train.py                                  # tokenizer -> sft -> eval, preset by device
+    python train.py                                  # tokenizer -> sft -> eval -> pref -> joint
     python train.py --preset quick --steps 50        # a tiny CPU run
     python train.py --stage sft --resume             # continue an interrupted SFT run
     python train.py --stage pref --method mdpo       # one preference run from out/sft.pt
+    python train.py --stage joint                    # do understanding and generation fight?
 
 Stages: `tokenizer` fits the VQ codebook; `sft` trains understanding and generation jointly;
 `eval` runs eval.py on the SFT checkpoint; `pref` builds preference pairs and trains DPO,
 mDPO, DAMA and the papers' controls from the SFT model, then compares them on the
-hallucination benchmark. Everything lands in --out_dir (checkpoints, log.txt, results).
+hallucination benchmark; `joint` adds preference optimisation for generation and joint
+understanding + generation training, with gradient diagnostics (joint.py). Everything lands in
+--out_dir (checkpoints, log.txt, results).
 """
 import argparse
 import json
@@ -44,7 +47,7 @@ METHODS = {
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # run
-parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval", "pref"],
+parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval", "pref", "joint"],
                     help="which stage to run; 'all' runs every stage in order")
 parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
                     help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
@@ -101,6 +104,19 @@ parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA b
 parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
 parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
+# preference optimisation for generation and joint training (stage joint, joint.py; also uses the pref settings)
+parser.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
+parser.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
+parser.add_argument("--gen_k", type=int, default=4, help="images sampled per prompt to build a generation pair")
+parser.add_argument("--gen_temperature", type=float, default=1.0,
+                    help="sampling temperature of generation pairs and of the study's generation scores")
+parser.add_argument("--gen_beta", type=float, default=None,
+                    help="generation beta of the per-task-beta strategy (default: beta * T / N, equal beta x tokens)")
+parser.add_argument("--joint_steps", type=int, default=120,
+                    help="optimizer steps of each joint-study run (--pref_batch understanding + --pref_batch generation pairs)")
+parser.add_argument("--joint_eval_n", type=int, default=100, help="held-out examples per task in the joint study's evaluation")
+parser.add_argument("--diag_every", type=int, default=10,
+                    help="steps between gradient diagnostics (every step's gradients are used; this adds the controls)")
 
 
 def pick_device():
@@ -125,11 +141,16 @@ def resolve(args):
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
     for k in ("steps", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
-              "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr"):
+              "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
+              "joint_steps", "joint_eval_n", "diag_every"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
+    if args.gen_temperature < 0 or (args.gen_beta is not None and args.gen_beta <= 0):
+        parser.error(f"--gen_temperature must be >= 0 and --gen_beta > 0, got {args.gen_temperature}, {args.gen_beta}")
+    if args.pref_batch < 2:
+        parser.error(f"--pref_batch must be at least 2 (the diagnostics split a batch in halves), got {args.pref_batch}")
     for k in ("cooc", "caption_noise", "cfg_drop", "und_frac", "onpolicy", "exists_frac"):
         if not 0.0 <= getattr(args, k) <= 1.0:
             parser.error(f"--{k} must lie in [0, 1], got {getattr(args, k)}")
@@ -357,10 +378,17 @@ def build_pairs(model, tok, vocab, args, rng):
 
 
 def pair_batch(vocab, P, idx, images, corrupted):
-    """The chosen, rejected (and corrupted-image chosen) sequences of pairs `idx`, collated into ONE
-    batch (3B or 2B rows) for one concatenated forward pass."""
+    """The chosen, rejected (and corrupted-condition chosen: the cropped image, or for generation
+    the changed prompt) sequences of pairs `idx`, collated into ONE batch (3B or 2B rows) for
+    one concatenated forward pass."""
     seqs = [[], [], []]
     for i in idx:
+        if P.get("task") == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
+            p = P["pairs"][i]
+            seqs[0].append(data.gen_sequence(vocab, p.chosen, p.prompt))
+            seqs[1].append(data.gen_sequence(vocab, p.rejected, p.prompt))
+            seqs[2].append(data.gen_sequence(vocab, p.chosen, p.corrupted))
+            continue
         p, c, k = P["pairs"][i], P["codes"][i], P["crop_codes"][i]
         if not images:   # the unconditional control: every image removed from the preference data
             c = k = []
@@ -548,6 +576,9 @@ def main(argv=None):
         evaluation.run(os.path.join(args.out_dir, "sft.pt"), args)
     if args.stage in ("all", "pref"):
         compare(args)
+    if args.stage in ("all", "joint"):
+        import joint
+        joint.study(args)
     log(args, f"pipeline | stage {args.stage} finished in {time.perf_counter() - t0:.0f} s")
 
 

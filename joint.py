@@ -1,0 +1,406 @@
+"""
+Preference optimisation for GENERATION, and joint preference training of understanding and
+generation: do the two tasks help each other or fight? (stage `joint` of train.py)
+
+    python train.py --stage joint                    # the trade-off table, from out/sft.pt
+    python train.py --stage joint --rows "gen DPO,joint naive" --pref_seeds 1
+
+Generation pairs: for a training prompt, K images are sampled from the SFT model (classifier-free
+guidance, temperature --gen_temperature) and scored by the scene parser: the fraction of the
+prompt's checks an image passes (data.prompt_checks: objects, colours, count, relation). Chosen =
+the best sample, rejected = the worst, when their scores differ; the gap is the pair's hardness.
+The off-policy variant, the diagnostic study's "real vs generated" pairs, takes the tokenized
+ground-truth render as chosen instead.
+
+Generation losses go through the same code as understanding (train.pref_step_loss): sequence
+log-probs summed over the image codes (and <eoi>) given the prompt. DPO as is; mDPO with its
+conditional term moved from the image to the prompt (the same chosen image under a prompt with
+one attribute changed, data.corrupt_prompt; OUR variant, not the paper's) and its anchor; DAMA
+with the parser's score gap as the data-aware score.
+
+Joint training sums an understanding DPO loss and a generation DPO loss, with the strategies of
+the study: naive sum, length-normalised weight w_U = N / (N + T), gradient-norm balancing,
+PCGrad, and a per-task beta. Both tasks' gradients are computed separately on every step, so the
+diagnostics (their cosine overall and per layer, the within-task control, the norm ratio rho)
+cost nothing extra; single-task runs measure the other task's gradient every --diag_every steps.
+"""
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as evaluation
+import train
+from model import amp_context
+
+# row of the trade-off table -> (strategy, generation method, generation pairs)
+ROWS = {
+    "und DPO": ("und", "dpo", "on"),
+    "gen DPO": ("gen", "dpo", "on"),
+    "gen DPO (real vs generated)": ("gen", "dpo", "real"),
+    "gen mDPO (ours: corrupted prompt)": ("gen", "mdpo", "on"),
+    "gen mDPO without the conditional term": ("gen", "mdpo_nocond", "on"),
+    "gen DAMA (parser score gap)": ("gen", "dama", "on"),
+    "joint naive sum": ("naive", "dpo", "on"),
+    "joint w_U = N/(N+T)": ("wu", "dpo", "on"),
+    "joint grad-norm balanced": ("gradnorm", "dpo", "on"),
+    "joint PCGrad": ("pcgrad", "dpo", "on"),
+    "joint per-task beta": ("beta", "dpo", "on"),
+}
+
+
+# -----------------------------------------------------------------------------
+# generation preference pairs
+
+@dataclass
+class GenPair:
+    example: data.Example     # the prompt (example.question) and a scene that satisfies it
+    chosen: list              # image codes
+    rejected: list
+    corrupted: list           # the prompt with one attribute changed (the mDPO-style condition)
+    scores: tuple             # parser scores (chosen, rejected), each in [0, 1]
+    source: str               # 'on-policy' (both sampled) or 'real' (chosen = the ground-truth render)
+
+    @property
+    def prompt(self):
+        return self.example.question
+
+
+def rank_samples(ex, imgs):
+    """Parser scores of K images drawn for one prompt -> (index of the best, of the worst, scores).
+    Ties go to the earliest sample."""
+    scores = [data.prompt_score(ex, data.parse(im)) for im in imgs]
+    return int(np.argmax(scores)), int(np.argmin(scores)), scores
+
+
+def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
+    """Sample --gen_k images per training prompt until --gen_pairs pairs of each kind exist (prompts
+    where every sample scores the same give no on-policy pair). Returns {'on': [...], 'real': [...]}."""
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    K, want = args.gen_k, args.gen_pairs
+    out, tasks = {"on": [], "real": []}, list(data.GEN_TASKS)
+    for _ in range(max_rounds):
+        if min(len(v) for v in out.values()) >= want:
+            break
+        exs = [data.gen_example(rng, "train", rng.choice(tasks)) for _ in range(want)]
+        imgs, codes = evaluation.draw(model, tok, vocab, [e.question for e in exs for _ in range(K)], args.device,
+                                      args.dtype, args.gen_temperature, args.cfg_scale, g, return_codes=True)
+        truth = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
+        wrong, asked = {}, {}
+        for i, e in enumerate(exs):
+            best, worst, s = rank_samples(e, imgs[K * i:K * i + K])
+            c = codes[K * i:K * i + K]
+            if s[best] > s[worst] and len(out["on"]) < want:
+                out["on"].append(GenPair(e, c[best], c[worst], data.corrupt_prompt(rng, e.question),
+                                         (s[best], s[worst]), "on-policy"))
+            if s[worst] < 1 and len(out["real"]) < want:
+                out["real"].append(GenPair(e, truth[i], c[worst], data.corrupt_prompt(rng, e.question),
+                                           (1.0, s[worst]), "real"))
+            wrong[e.task] = wrong.get(e.task, 0) + (s[worst] < 1)
+            asked[e.task] = asked.get(e.task, 0) + 1
+        # a task where the model erred on < 1% of the prompts gives (almost) no pairs: stop asking
+        # for it after this round (the other tasks keep their proportions)
+        tasks = [t for t in tasks if t not in asked or wrong[t] >= 0.01 * asked[t]] or tasks
+    for kind, pairs in out.items():
+        if not pairs:
+            raise SystemExit(f"error: no {kind} generation pairs: the SFT model never made a mistake "
+                             f"at temperature {args.gen_temperature}; raise --gen_temperature or --gen_k")
+    return out
+
+
+def gen_pair_data(ref, vocab, pairs, args):
+    """GenPairs -> the pair data the preference losses take, shaped like train.build_pairs' (task 'gen'):
+    the frozen reference's log-probs cached once (chosen, rejected, chosen under the corrupted
+    prompt) and the parser scores, whose mean gap is DAMA's dbar."""
+    P = {"task": "gen", "pairs": pairs, "scores": torch.tensor([p.scores for p in pairs], dtype=torch.float32)}
+    P["ref_1"] = train.reference_logps(ref, vocab, P, range(len(pairs)), True, args)
+    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
+    return P
+
+
+def gen_preference_data(args, sft_path):
+    """Generation pair data of --seed: {'on': P, 'real': P}."""
+    ref, tok, vocab, _ = train.load_model(sft_path, args.device)
+    t0 = time.perf_counter()
+    out = {}
+    for kind, pairs in build_gen_pairs(ref, tok, vocab, args, random.Random(args.seed)).items():
+        out[kind] = P = gen_pair_data(ref, vocab, pairs, args)
+        tasks = {t: sum(p.example.task == t for p in pairs) for t in data.GEN_TASKS}
+        train.log(args, f"gen pairs s{args.seed} | {kind} | {len(pairs)} pairs | score gap mean "
+                        f"{P['score_gap_mean']:.3f} | by task {tasks}")
+    train.log(args, f"gen pairs s{args.seed} | built in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# gradients: cosine, norm ratio, and the combination strategies
+
+def flat_dot(a, b):
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def cosine(a, b):
+    """Cosine between two gradients given as lists of tensors (the same parameters)."""
+    return (flat_dot(a, b) / (flat_dot(a, a).sqrt() * flat_dot(b, b).sqrt()).clamp(min=1e-30)).item()
+
+
+def pcgrad(gu, gg):
+    """PCGrad (Yu et al. 2020) for two tasks: ONLY when the gradients conflict (negative dot product),
+    each is projected onto the normal plane of the other; the sum is returned."""
+    dot = flat_dot(gu, gg)
+    if dot >= 0:
+        return [u + g for u, g in zip(gu, gg)]
+    nu, ng = flat_dot(gu, gu), flat_dot(gg, gg)
+    return [(u - dot / ng * g) + (g - dot / nu * u) for u, g in zip(gu, gg)]
+
+
+def combine(strategy, gu, gg, w_u):
+    """The update direction of one step from the understanding and the generation gradients."""
+    if strategy == "und":
+        return gu
+    if strategy == "gen":
+        return gg
+    if strategy in ("naive", "beta"):            # per-task beta changes the generation loss, not the sum
+        return [u + g for u, g in zip(gu, gg)]
+    if strategy == "wu":                          # the study's length-normalised weighting
+        return [w_u * u + (1 - w_u) * g for u, g in zip(gu, gg)]
+    if strategy == "gradnorm":                    # both tasks pull with the same norm, their mean
+        nu, ng = flat_dot(gu, gu).sqrt(), flat_dot(gg, gg).sqrt()
+        m = (nu + ng) / 2
+        return [m * (u / nu + g / ng) for u, g in zip(gu, gg)]
+    if strategy == "pcgrad":
+        return pcgrad(gu, gg)
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def layer_groups(model):
+    """Parameter index lists per layer: 'embed' (token, position and code-pixel embeddings; the output
+    head is tied to them), 'block0'..'blockN', 'ln_f'. Every parameter is shared by both tasks."""
+    groups = {}
+    for i, (name, _) in enumerate(model.named_parameters()):
+        key = "block" + name.split(".")[1] if name.startswith("blocks.") else \
+            "ln_f" if name.startswith("ln_f") else "embed"
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def task_grads(policy, params, vocab, P, idx, method, args, state):
+    """Gradient of one task's preference loss on pairs idx (a list of tensors) and its metrics."""
+    loss, m = train.pref_step_loss(policy, vocab, P, idx, method, args, state)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], {"loss": loss.item(), **m}
+
+
+@torch.no_grad()
+def kl_per_token(policy, ref, vocab, seqs, device, dtype):
+    """Mean over labelled positions of KL(policy || reference) of the next-token distributions."""
+    ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs, vocab.pad))
+    with amp_context(device, dtype):
+        lp, lq = (F.log_softmax(m(ids)[:, :-1].float(), -1) for m in (policy, ref))
+    kl = (lp.exp() * (lp - lq)).sum(-1)                                 # (B, T-1)
+    return kl[labels[:, 1:] != -100].mean().item()
+
+
+def kl_sequences(tok, vocab, n, seed):
+    """Held-out sequences for the KL: true captions of test scenes, and test prompts with their true images."""
+    rng = random.Random(seed)
+    scenes = [data.sample_scene(rng, "test") for _ in range(n)]
+    exs = [data.gen_example(rng, "test", rng.choice(data.GEN_TASKS)) for _ in range(n)]
+    codes = tok.encode(np.stack([data.render(s) for s in scenes] + [data.render(e.scene) for e in exs])).tolist()
+    und = [data.und_sequence(vocab, c, ["describe"], data.caption_words(s)) for c, s in zip(codes, scenes)]
+    gen = [data.gen_sequence(vocab, c, e.question) for c, e in zip(codes[n:], exs)]
+    return {"und": und, "gen": gen}
+
+
+# -----------------------------------------------------------------------------
+# training one row of the table
+
+def train_row(args, row, PU, PG, sft_path):
+    """Preference-train a copy of the SFT model for one row of the table; returns (model, diagnostics)."""
+    strategy, gen_method, gen_kind = ROWS[row]
+    policy, tok, vocab, _ = train.load_model(sft_path, args.device)
+    ref = train.load_model(sft_path, args.device)[0]
+    policy.train()
+    train.seed_everything(args.seed)
+    params = list(policy.parameters())
+    groups = layer_groups(policy)
+    opt = torch.optim.AdamW(params, lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    PG = PG[gen_kind]
+    # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
+    N = len(PG["pairs"][0].chosen) + 1
+    T = float(np.mean([len(p.chosen) + 1 for p in PU["pairs"]]))
+    a_gen = copy.copy(args)
+    if strategy == "beta":
+        a_gen.beta = args.gen_beta if args.gen_beta else args.beta * T / N   # equal beta * tokens per task
+    tasks = {"und": (PU, "dpo", args), "gen": (PG, gen_method, a_gen)}
+    state = {t: {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
+             for t in tasks}
+    orders = {t: [] for t in tasks}
+    kl_seqs = kl_sequences(tok, vocab, 64, args.eval_seed)
+    hist, diag, t_log = {"und": [], "gen": []}, [], time.perf_counter()
+    for step in range(1, args.joint_steps + 1):
+        for gr in opt.param_groups:
+            gr["lr"] = args.pref_lr * min(1.0, step / 10)
+        measure = step == 1 or step % args.diag_every == 0
+        grads, halves = {}, {}
+        for t, (P, method, a) in tasks.items():
+            active = strategy in (t, "naive", "wu", "gradnorm", "pcgrad", "beta")
+            if not (active or measure):
+                continue
+            if len(orders[t]) < args.pref_batch:          # epochs over the pairs, reshuffled
+                orders[t] += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+            idx, orders[t] = orders[t][:args.pref_batch], orders[t][args.pref_batch:]
+            st = state[t] if active else copy.copy(state[t])   # a measurement never moves DAMA's EMA
+            grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, st)
+            hist[t].append(m)                  # (an inactive task's loss: on the measured steps only)
+            if measure:   # the within-task control: the same loss on two halves of the batch
+                h = len(idx) // 2
+                halves[t] = [task_grads(policy, params, vocab, P, part, method, a, copy.copy(state[t]))[0]
+                             for part in (idx[:h], idx[h:])]
+        if measure:
+            gu, gg = grads["und"], grads["gen"]
+            d = {"step": step, "cos": cosine(gu, gg), "rho": (flat_dot(gu, gu).sqrt() / flat_dot(gg, gg).sqrt()).item(),
+                 "cos_within_und": cosine(*halves["und"]), "cos_within_gen": cosine(*halves["gen"]),
+                 "cos_half": float(np.mean([cosine(halves["und"][k], halves["gen"][k]) for k in (0, 1)]))}
+            d.update({f"cos_{name}": cosine([gu[i] for i in ix], [gg[i] for i in ix]) for name, ix in groups.items()})
+            diag.append(d)
+        g = combine(strategy, grads.get("und"), grads.get("gen"), N / (N + T))
+        for p, x in zip(params, g):
+            p.grad = x
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.log_every == 0 or step == args.joint_steps:
+            policy.eval()
+            kl = {t: kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
+            policy.train()
+            parts = [f"{t} loss {np.mean([m['loss'] for m in hist[t][-args.log_every:]]):.4f} "
+                     f"acc {np.mean([m['rewards/accuracies'] for m in hist[t][-args.log_every:]]):.2f}"
+                     for t in hist if hist[t]]
+            last = diag[-1]
+            train.log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
+                      + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
+                        f"gen {kl['gen']:.4f} | {1000 * (time.perf_counter() - t_log) / args.log_every:.0f} ms/step")
+            t_log = time.perf_counter()
+    policy.eval()
+    seqs = kl_sequences(tok, vocab, 200, args.eval_seed + 1)
+    summary = {f"kl_{t}": kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
+    summary.update({k: float(np.mean([d[k] for d in diag])) for k in diag[0] if k != "step"})
+    summary["cos_step1"] = diag[0]["cos"]
+    tail = max(1, args.joint_steps // 4)                   # the generation loss over the last quarter
+    for t in hist:
+        if hist[t]:
+            summary[f"loss_{t}_end"] = float(np.mean([m["loss"] for m in hist[t][-tail:]]))
+            summary[f"acc_{t}_end"] = float(np.mean([m["rewards/accuracies"] for m in hist[t][-tail:]]))
+    summary["w_U"], summary["beta_gen"] = N / (N + T), a_gen.beta
+    return policy, summary
+
+
+# -----------------------------------------------------------------------------
+# evaluation and the table
+
+def tradeoff_eval(model, tok, vocab, args, stats):
+    """Generation (GenEval-style, at --gen_temperature, where the SFT model errs) and understanding
+    (answer accuracy, bias-scene captions, POPE adversarial), on held-out scenes."""
+    n, dev, dt, seed = args.joint_eval_n, args.device, args.dtype, args.eval_seed
+    r = {}
+    gen, _ = evaluation.eval_generation(model, tok, vocab, "test", n, dev, dt, seed, args.gen_temperature, args.cfg_scale)
+    r.update({f"gen_{k}": v for k, v in gen.items()})
+    r["answer_acc"] = evaluation.eval_understanding(model, tok, vocab, "test", n, dev, dt, seed,
+                                                    tasks=data.UND_TASKS[1:])[0]["answer_acc"]
+    rng = random.Random(seed)
+    exs = [data.und_example(rng, data.sample_scene(rng, "bias"), "caption") for _ in range(n)]
+    caps = evaluation.caption_scores(exs, evaluation.answer(model, tok, vocab, exs, dev, dt))
+    r["CHAIR_i"], r["Cover"] = caps["CHAIR_i"], caps["Cover"]
+    r["POPE_F1"] = evaluation.pope(model, tok, vocab, "bias", n, dev, dt, seed, *stats)["adversarial"]["F1"]
+    return r
+
+
+OUTCOME_COLS = ["gen_overall", "gen_single", "gen_two", "gen_counting", "gen_colours", "gen_position",
+                "gen_attribution", "gen_full", "answer_acc", "CHAIR_i", "Cover", "POPE_F1"]
+DIAG_COLS = ["cos", "cos_half", "cos_within_und", "cos_within_gen", "rho", "kl_und", "kl_gen",
+             "loss_und_end", "loss_gen_end", "acc_gen_end"]
+
+
+def table(rows, cols):
+    """{row: [dict per seed]} -> Markdown, mean +- sample std over seeds ('-' where not measured)."""
+    lines = ["| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, rs in rows.items():
+        cells = []
+        for c in cols:
+            v = np.array([r[c] for r in rs if c in r])
+            cells.append("-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
+                         else f"{v.mean():.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def kv_cache_speedup(model, tok, vocab, args, n=256):
+    """Seconds to draw n images with CFG at the study's temperature, with and without the KV cache."""
+    prompts = [data.gen_example(random.Random(i), "test", "full").question for i in range(n)]
+    t = {}
+    for use_cache in (True, False):
+        t0 = time.perf_counter()
+        evaluation.draw(model, tok, vocab, prompts, args.device, args.dtype, args.gen_temperature, args.cfg_scale,
+                        torch.Generator(device=args.device).manual_seed(0), use_cache=use_cache)
+        t[use_cache] = time.perf_counter() - t0
+    return {"cached_s": t[True], "uncached_s": t[False], "speedup": t[False] / t[True], "images": n}
+
+
+def study(args):
+    """Stage joint: every row of ROWS (or --rows) x --pref_seeds seeds from one SFT model; writes
+    out_dir/study.{md,json}."""
+    sft = os.path.join(args.out_dir, "sft.pt")
+    rows_wanted = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    unknown = [r for r in rows_wanted if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
+    stats = data.training_statistics(cooc=args.cooc)
+    t0 = time.perf_counter()
+    model, tok, vocab, _ = train.load_model(sft, args.device)
+    speed = kv_cache_speedup(model, tok, vocab, args)
+    train.log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
+                    f"{speed['uncached_s']:.2f} s uncached: {speed['speedup']:.1f}x")
+    rows = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}
+    for seed in [args.seed + i for i in range(args.pref_seeds)]:
+        a = copy.copy(args)
+        a.seed = seed
+        PU = train.preference_data(a, sft)
+        PG = gen_preference_data(a, sft)
+        for row in rows_wanted:
+            t = time.perf_counter()
+            policy, summary = train_row(a, row, PU, PG, sft)
+            r = {**summary, **tradeoff_eval(policy, tok, vocab, a, stats)}
+            rows.setdefault(row, []).append(r)
+            train.log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
+                                                                   if k in r)
+                      + f" | trained and evaluated in {time.perf_counter() - t:.0f} s")
+    layer_cols = [c for c in rows[rows_wanted[0]][0] if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
+    head = (f"`python train.py --stage joint` | {args.pref_seeds} seed(s) from one SFT model | "
+            f"{args.pairs} understanding + {args.gen_pairs} generation pairs per seed, {args.joint_steps} steps "
+            f"of {args.pref_batch} + {args.pref_batch} pairs, beta {args.beta}, lr {args.pref_lr} | generation "
+            f"sampled at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} (pairs and eval), {args.joint_eval_n} "
+            f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
+            f"{time.perf_counter() - t0:.0f} s\n\n")
+    md = (head + "Outcomes (generation at T={:g}; understanding on test scenes, CHAIR / Cover / "
+          "POPE on bias-breaking scenes):\n\n".format(args.gen_temperature) + table(rows, OUTCOME_COLS)
+          + "\nDiagnostics (means over the measured steps; cos = cosine of the understanding and generation "
+            "gradients over all shared parameters):\n\n" + table({k: v for k, v in rows.items() if k != "SFT"}, DIAG_COLS)
+          + "\nCosine per layer:\n\n" + table({k: v for k, v in rows.items() if k != "SFT"}, layer_cols))
+    with open(os.path.join(args.out_dir, "study.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out_dir, "study.json"), "w") as f:
+        json.dump({"rows": rows, "kv_cache": speed, "seconds": time.perf_counter() - t0,
+                   "config": {k: v for k, v in vars(args).items()}}, f, indent=1)
+    print(md)
+    return rows

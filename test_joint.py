@@ -1,0 +1,168 @@
+"""
+Tests of preference optimisation for generation and of joint training (CPU, tiny sizes).
+Run: python -m unittest test_joint   (or: pytest test_joint.py)
+"""
+import os
+import random
+import tempfile
+import types
+import unittest
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+import data
+import joint
+import train
+from test_pref import tiny_setup
+
+
+def empty_image():
+    return data.render(())
+
+
+class TestGenerationPairs(unittest.TestCase):
+
+    def test_prompt_score_is_the_fraction_of_checks(self):
+        rng = random.Random(0)
+        for task in data.GEN_TASKS:
+            for _ in range(30):
+                e = data.gen_example(rng, "train", task)
+                self.assertEqual(data.prompt_score(e, data.parse(data.render(e.scene))), 1.0, e)
+                self.assertLess(data.prompt_score(e, ()), 1.0, e)
+        # partly right: 'a red circle and a blue square' drawn with a red circle and a GREEN square
+        e = data.Example("attribution", (), "a red circle and a blue square".split(), [])
+        drawn = (data.Obj("red", "circle", 3), data.Obj("green", "square", 5))
+        self.assertEqual(data.prompt_checks(e, drawn), [True, True, True, False])
+        self.assertEqual(data.prompt_score(e, drawn), 0.75)
+        self.assertFalse(data.geneval_correct(e, drawn))
+
+    def test_ranking_follows_the_parser_score(self):
+        rng = random.Random(1)
+        for _ in range(50):
+            e = data.gen_example(rng, "train", "attribution")
+            a, b = e.scene
+            half = (data.Obj(a.colour, a.shape, a.cell),)                       # one of two objects: 0.5
+            imgs = [empty_image(), data.render(half), data.render(e.scene), data.render(half)]
+            best, worst, scores = joint.rank_samples(e, imgs)
+            self.assertEqual((best, worst), (2, 0))
+            self.assertEqual(scores, [0.0, 0.5, 1.0, 0.5])
+
+    def test_built_pairs_prefer_the_higher_score(self):
+        tok, vocab, model, args, _ = tiny_setup(n_pairs=4)
+        args = types.SimpleNamespace(**vars(args), gen_k=4, gen_pairs=12, gen_temperature=1.0, cfg_scale=2.0)
+        pairs = joint.build_gen_pairs(model, tok, vocab, args, random.Random(0))
+        self.assertEqual(len(pairs["real"]), 12)
+        self.assertGreater(len(pairs["on"]), 0)
+        for p in pairs["on"]:
+            img = lambda codes: tok.decode(torch.tensor([codes])).numpy()[0]
+            sc, sr = (data.prompt_score(p.example, data.parse(img(c))) for c in (p.chosen, p.rejected))
+            self.assertEqual((sc, sr), p.scores)
+            self.assertGreater(sc, sr)
+        for p in pairs["real"]:
+            truth = tok.encode(data.render(p.example.scene)[None])[0].tolist()
+            self.assertEqual(p.chosen, truth)
+            self.assertLess(p.scores[1], 1.0)
+
+    def test_corrupted_prompt_changes_one_attribute(self):
+        rng = random.Random(3)
+        singular = {p: s for s, p in data.PLURAL.items()}
+        violated = 0
+        for i in range(700):
+            e = data.gen_example(rng, "train", data.GEN_TASKS[i % len(data.GEN_TASKS)])
+            c = data.corrupt_prompt(rng, e.question)
+            self.assertEqual(len(c), len(e.question))
+            self.assertEqual(sum(a != b for a, b in zip(c, e.question)), 1)
+            vocab_words = set(data.WORDS)
+            self.assertTrue(set(c) <= vocab_words)
+            combos = {(a, singular.get(b, b)) for a, b in zip(c, c[1:]) if a in data.COLOURS}
+            self.assertFalse(combos & data.HELD_OUT)
+            if e.task == "position":
+                self.assertIn(" ".join(c[2:-2]), data.RELATIONS)
+            violated += data.prompt_score(data.Example(e.task, e.scene, c, []), data.parse(data.render(e.scene))) < 1
+        self.assertEqual(violated, 700)   # the true image never fits the changed prompt
+        five = "top left red circle , top center red square , top right red triangle , middle left red " \
+               "diamond , middle center red cross".split()   # every shape named: no shape can change
+        for _ in range(50):
+            c = data.corrupt_prompt(rng, five)
+            self.assertEqual(sum(a != b for a, b in zip(c, five)), 1)
+            self.assertEqual([w for w in c if w in data.SHAPES], [w for w in five if w in data.SHAPES])
+
+
+class TestGradientTools(unittest.TestCase):
+
+    def test_cosine_of_a_loss_with_itself_and_of_toy_losses(self):
+        w = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+        a, b = torch.tensor([1.0, 2.0, 0.0, -1.0, 3.0]), torch.tensor([0.5, -1.0, 4.0, 2.0, 0.0])
+        flat = lambda: torch.cat(w)
+        g1 = torch.autograd.grad((flat() * a).sum() + (flat() ** 2).sum(), w)
+        self.assertAlmostEqual(joint.cosine(g1, g1), 1.0, places=6)
+        # two independent linear losses: the gradients are a and b, so the cosine is a.b / |a||b|
+        ga = torch.autograd.grad((flat() * a).sum(), w)
+        gb = torch.autograd.grad((flat() * b).sum(), w)
+        self.assertAlmostEqual(joint.cosine(ga, gb), float(a @ b / (a.norm() * b.norm())), places=6)
+        self.assertAlmostEqual(joint.cosine(ga, [-x for x in ga]), -1.0, places=6)
+
+    def test_pcgrad_projects_only_on_conflict(self):
+        u, g = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])]      # agree: the plain sum
+        torch.testing.assert_close(joint.pcgrad(u, g)[0], torch.tensor([2.0, 1.0]))
+        u, g = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]     # conflict: dot = -1
+        # u' = u - (u.g / |g|^2) g = (0.5, 0.5); g' = g - (g.u / |u|^2) u = (0, 1)
+        torch.testing.assert_close(joint.pcgrad(u, g)[0], torch.tensor([0.5, 1.5]))
+        up = u[0] - (u[0] @ g[0]) / (g[0] @ g[0]) * g[0]
+        self.assertAlmostEqual(float(up @ g[0]), 0.0, places=6)            # projected onto the normal plane
+
+    def test_combinations(self):
+        u, g = [torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 0.5])]      # norms 5 and 0.5
+        torch.testing.assert_close(joint.combine("naive", u, g, 0.3)[0], torch.tensor([3.0, 4.5]))
+        torch.testing.assert_close(joint.combine("wu", u, g, 0.3)[0], torch.tensor([0.9, 1.55]))
+        both = joint.combine("gradnorm", u, g, 0.3)[0]        # each task pulls with norm (5 + 0.5) / 2
+        torch.testing.assert_close(both, 2.75 * torch.tensor([0.6, 0.8]) + 2.75 * torch.tensor([0.0, 1.0]))
+        self.assertIs(joint.combine("und", u, None, 0.3), u)
+        with self.assertRaises(ValueError):
+            joint.combine("average", u, g, 0.3)
+
+
+class TestJointTraining(unittest.TestCase):
+
+    def test_one_joint_step_per_row(self):
+        tok, vocab, model, args, PU = tiny_setup(n_pairs=8)
+        rng = random.Random(0)
+        pairs = []
+        for i in range(8):   # chosen = the true image, rejected = an empty canvas
+            e = data.gen_example(rng, "train", data.GEN_TASKS[i % len(data.GEN_TASKS)])
+            codes = tok.encode(np.stack([data.render(e.scene), empty_image()])).tolist()
+            pairs.append(joint.GenPair(e, codes[0], codes[1], data.corrupt_prompt(rng, e.question),
+                                       (1.0, data.prompt_score(e, ())), "real"))
+        with tempfile.TemporaryDirectory() as d:
+            sft = os.path.join(d, "sft.pt")
+            torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": tok.n_codes,
+                        "patch": tok.patch, "tokenizer": tok.state_dict()}, sft)
+            args = types.SimpleNamespace(**vars(args), out_dir=d, pref_lr=1e-3, pref_batch=4, joint_steps=2,
+                                         gen_beta=None, diag_every=1, log_every=1, eval_seed=0)
+            P = joint.gen_pair_data(model, vocab, pairs, args)
+            PG = {"on": P, "real": P}
+            self.assertEqual(tuple(P["ref_1"].shape), (8, 3))
+            before = torch.cat([p.flatten() for p in model.parameters()])
+            for row, (strategy, _, _) in joint.ROWS.items():
+                policy, s = joint.train_row(args, row, PU, PG, sft)
+                after = torch.cat([p.flatten() for p in policy.parameters()])
+                self.assertGreater(float((after - before).abs().max()), 0, row)
+                for k in ("cos", "rho", "cos_within_und", "cos_within_gen", "kl_und", "kl_gen", "cos_block0"):
+                    self.assertTrue(np.isfinite(s[k]), (row, k))
+                self.assertGreater(s["rho"], 0)
+                self.assertTrue(-1 <= s["cos"] <= 1)
+                # w_U = N / (N + T); per-task beta: beta * T / N (N = 9 codes + <eoi>, T = answer tokens)
+                T = float(np.mean([len(p.chosen) + 1 for p in PU["pairs"]]))
+                self.assertAlmostEqual(s["w_U"], 10 / (10 + T))
+                self.assertAlmostEqual(s["beta_gen"], args.beta * T / 10 if strategy == "beta" else args.beta)
+            # policy == reference: the generation DPO loss is ln 2
+            pol = train.load_model(sft, "cpu")[0].train()
+            state = {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)}
+            loss, _ = train.pref_step_loss(pol, vocab, P, list(range(8)), "dpo", args, state)
+            self.assertAlmostEqual(loss.item(), float(np.log(2)), places=4)
+
+
+if __name__ == "__main__":
+    unittest.main()
