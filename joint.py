@@ -81,6 +81,18 @@ def rank_samples(ex, imgs):
     return int(np.argmax(scores)), int(np.argmin(scores)), scores
 
 
+def corrupted_for(rng, ex, parsed, score, tries=20):
+    """A corrupted prompt (data.corrupt_prompt) that the chosen image fits WORSE than the real prompt
+    (score = its score under the real one), or None if `tries` draws fail. An imperfect chosen image
+    may fit a changed prompt better: 'a red circle and a blue square' drawn with a GREEN square fits
+    'a red circle and a green square' fully, and would teach the conditional term the wrong way."""
+    for _ in range(tries):
+        words = data.corrupt_prompt(rng, ex.question)
+        if data.prompt_score(data.Example(ex.task, ex.scene, words, []), parsed) < score:
+            return words
+    return None
+
+
 def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
     """Sample --gen_k images per training prompt until --gen_pairs pairs of each kind exist (prompts
     where every sample scores the same give no on-policy pair). Returns {'on': [...], 'real': [...]}."""
@@ -99,11 +111,12 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
             best, worst, s = rank_samples(e, imgs[K * i:K * i + K])
             c = codes[K * i:K * i + K]
             if s[best] > s[worst] and len(out["on"]) < want:
-                out["on"].append(GenPair(e, c[best], c[worst], data.corrupt_prompt(rng, e.question),
-                                         (s[best], s[worst]), "on-policy"))
+                corrupted = corrupted_for(rng, e, data.parse(imgs[K * i + best]), s[best])
+                if corrupted:
+                    out["on"].append(GenPair(e, c[best], c[worst], corrupted, (s[best], s[worst]), "on-policy"))
             if s[worst] < 1 and len(out["real"]) < want:
-                out["real"].append(GenPair(e, truth[i], c[worst], data.corrupt_prompt(rng, e.question),
-                                           (1.0, s[worst]), "real"))
+                corrupted = corrupted_for(rng, e, e.scene, 1.0)
+                out["real"].append(GenPair(e, truth[i], c[worst], corrupted, (1.0, s[worst]), "real"))
             wrong[e.task] = wrong.get(e.task, 0) + (s[worst] < 1)
             asked[e.task] = asked.get(e.task, 0) + 1
         # a task where the model erred on < 1% of the prompts gives (almost) no pairs: stop asking
@@ -173,7 +186,7 @@ def combine(strategy, gu, gg, w_u):
     if strategy == "wu":                          # the study's length-normalised weighting
         return [w_u * u + (1 - w_u) * g for u, g in zip(gu, gg)]
     if strategy == "gradnorm":                    # both tasks pull with the same norm, their mean
-        nu, ng = flat_dot(gu, gu).sqrt(), flat_dot(gg, gg).sqrt()
+        nu, ng = flat_dot(gu, gu).sqrt().clamp(min=1e-12), flat_dot(gg, gg).sqrt().clamp(min=1e-12)
         m = (nu + ng) / 2
         return [m * (u / nu + g / ng) for u, g in zip(gu, gg)]
     if strategy == "pcgrad":
@@ -244,6 +257,7 @@ def train_row(args, row, PU, PG, sft_path):
     tasks = {"und": (PU, "dpo", args), "gen": (PG, gen_method, a_gen)}
     state = {t: {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
              for t in tasks}
+    rngs = {t: random.Random(f"{args.seed}/{t}") for t in tasks}   # one batch order per task, whatever the row
     orders = {t: [] for t in tasks}
     kl_seqs = kl_sequences(tok, vocab, 64, args.eval_seed)
     hist, diag, t_log = {"und": [], "gen": []}, [], time.perf_counter()
@@ -257,14 +271,19 @@ def train_row(args, row, PU, PG, sft_path):
             if not (active or measure):
                 continue
             if len(orders[t]) < args.pref_batch:          # epochs over the pairs, reshuffled
-                orders[t] += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+                orders[t] += rngs[t].sample(range(len(P["pairs"])), len(P["pairs"]))
             idx, orders[t] = orders[t][:args.pref_batch], orders[t][args.pref_batch:]
-            st = state[t] if active else copy.copy(state[t])   # a measurement never moves DAMA's EMA
-            grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, st)
-            hist[t].append(m)                  # (an inactive task's loss: on the measured steps only)
+            # a measurement never touches the training state (DAMA's gap EMA and its selection generator)
+            gap0 = state[t]["gap_mean"]
+
+            def probe():
+                return {"gap_mean": gap0, "generator": torch.Generator(device=args.device).manual_seed(step)}
+
+            grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, state[t] if active else probe())
+            hist[t].append({"step": step, **m})   # (an inactive task: on the measured steps only)
             if measure:   # the within-task control: the same loss on two halves of the batch
                 h = len(idx) // 2
-                halves[t] = [task_grads(policy, params, vocab, P, part, method, a, copy.copy(state[t]))[0]
+                halves[t] = [task_grads(policy, params, vocab, P, part, method, a, probe())[0]
                              for part in (idx[:h], idx[h:])]
         if measure:
             gu, gg = grads["und"], grads["gen"]
@@ -284,9 +303,9 @@ def train_row(args, row, PU, PG, sft_path):
             policy.eval()
             kl = {t: kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
             policy.train()
-            parts = [f"{t} loss {np.mean([m['loss'] for m in hist[t][-args.log_every:]]):.4f} "
-                     f"acc {np.mean([m['rewards/accuracies'] for m in hist[t][-args.log_every:]]):.2f}"
-                     for t in hist if hist[t]]
+            recent = {t: [m for m in hist[t] if m["step"] > step - args.log_every] for t in hist}
+            parts = [f"{t} loss {np.mean([m['loss'] for m in r]):.4f} dpo {np.mean([m['dpo_loss'] for m in r]):.4f} "
+                     f"acc {np.mean([m['rewards/accuracies'] for m in r]):.2f}" for t, r in recent.items() if r]
             last = diag[-1]
             train.log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
                       + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
@@ -297,11 +316,12 @@ def train_row(args, row, PU, PG, sft_path):
     summary = {f"kl_{t}": kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
     summary.update({k: float(np.mean([d[k] for d in diag])) for k in diag[0] if k != "step"})
     summary["cos_step1"] = diag[0]["cos"]
-    tail = max(1, args.joint_steps // 4)                   # the generation loss over the last quarter
+    # the last quarter of the run (for a task that is only measured: its measured steps in that quarter)
     for t in hist:
-        if hist[t]:
-            summary[f"loss_{t}_end"] = float(np.mean([m["loss"] for m in hist[t][-tail:]]))
-            summary[f"acc_{t}_end"] = float(np.mean([m["rewards/accuracies"] for m in hist[t][-tail:]]))
+        end = [m for m in hist[t] if m["step"] > args.joint_steps * 3 // 4] or hist[t][-1:]
+        if end:
+            summary[f"dpo_loss_{t}_end"] = float(np.mean([m["dpo_loss"] for m in end]))
+            summary[f"acc_{t}_end"] = float(np.mean([m["rewards/accuracies"] for m in end]))
     summary["w_U"], summary["beta_gen"] = N / (N + T), a_gen.beta
     return policy, summary
 
@@ -329,7 +349,7 @@ def tradeoff_eval(model, tok, vocab, args, stats):
 OUTCOME_COLS = ["gen_overall", "gen_single", "gen_two", "gen_counting", "gen_colours", "gen_position",
                 "gen_attribution", "gen_full", "answer_acc", "CHAIR_i", "Cover", "POPE_F1"]
 DIAG_COLS = ["cos", "cos_half", "cos_within_und", "cos_within_gen", "rho", "kl_und", "kl_gen",
-             "loss_und_end", "loss_gen_end", "acc_gen_end"]
+             "dpo_loss_und_end", "dpo_loss_gen_end", "acc_gen_end"]
 
 
 def table(rows, cols):
@@ -392,11 +412,18 @@ def study(args):
             f"sampled at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} (pairs and eval), {args.joint_eval_n} "
             f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
-    md = (head + "Outcomes (generation at T={:g}; understanding on test scenes, CHAIR / Cover / "
-          "POPE on bias-breaking scenes):\n\n".format(args.gen_temperature) + table(rows, OUTCOME_COLS)
-          + "\nDiagnostics (means over the measured steps; cos = cosine of the understanding and generation "
-            "gradients over all shared parameters):\n\n" + table({k: v for k, v in rows.items() if k != "SFT"}, DIAG_COLS)
-          + "\nCosine per layer:\n\n" + table({k: v for k, v in rows.items() if k != "SFT"}, layer_cols))
+    trained = {k: v for k, v in rows.items() if k != "SFT"}
+    md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
+          "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "
+          "and are held out); answer accuracy on test scenes; CHAIR_i, Cover and POPE adversarial F1 on "
+          "bias-breaking scenes.\n\n" + table(rows, OUTCOME_COLS)
+          + "\nDiagnostics, means over the measured steps: cos = cosine of the understanding and generation "
+            "gradients over all (shared) parameters at the full batch; cos_half = the same between half batches, "
+            "to be read against the within-task controls cos_within_* (two halves of one batch); rho = "
+            "|g_U| / |g_G| (the per-task-beta row's g_G already carries its beta); KL per token of policy from "
+            "reference, teacher-forced on held-out true captions / true images; dpo_loss_*_end = the plain DPO "
+            "loss at the task's beta over the last quarter (ln 2 = 0.693 at the start).\n\n"
+          + table(trained, DIAG_COLS) + "\nCosine per layer:\n\n" + table(trained, layer_cols))
     with open(os.path.join(args.out_dir, "study.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "study.json"), "w") as f:

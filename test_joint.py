@@ -60,6 +60,9 @@ class TestGenerationPairs(unittest.TestCase):
             sc, sr = (data.prompt_score(p.example, data.parse(img(c))) for c in (p.chosen, p.rejected))
             self.assertEqual((sc, sr), p.scores)
             self.assertGreater(sc, sr)
+            # the corrupted prompt fits the chosen image WORSE than the real prompt does
+            bad = data.Example(p.example.task, p.example.scene, p.corrupted, [])
+            self.assertLess(data.prompt_score(bad, data.parse(img(p.chosen))), sc)
         for p in pairs["real"]:
             truth = tok.encode(data.render(p.example.scene)[None])[0].tolist()
             self.assertEqual(p.chosen, truth)
@@ -103,6 +106,18 @@ class TestGradientTools(unittest.TestCase):
         gb = torch.autograd.grad((flat() * b).sum(), w)
         self.assertAlmostEqual(joint.cosine(ga, gb), float(a @ b / (a.norm() * b.norm())), places=6)
         self.assertAlmostEqual(joint.cosine(ga, [-x for x in ga]), -1.0, places=6)
+
+    def test_the_same_batch_twice_gives_cosine_one(self):
+        tok, vocab, model, args, P = tiny_setup(n_pairs=8)
+        policy = model.train()
+        params = list(policy.parameters())
+        for method in ("dpo", "dama"):
+            g = [joint.task_grads(policy, params, vocab, P, list(range(8)), method, args,
+                                  {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)})[0] for _ in range(2)]
+            self.assertAlmostEqual(joint.cosine(*g), 1.0, places=5)
+            other = joint.task_grads(policy, params, vocab, P, list(range(4)), method, args,
+                                     {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)})[0]
+            self.assertLess(joint.cosine(g[0], other), 0.9999)          # another batch: another direction
 
     def test_pcgrad_projects_only_on_conflict(self):
         u, g = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])]      # agree: the plain sum
@@ -149,7 +164,8 @@ class TestJointTraining(unittest.TestCase):
                 policy, s = joint.train_row(args, row, PU, PG, sft)
                 after = torch.cat([p.flatten() for p in policy.parameters()])
                 self.assertGreater(float((after - before).abs().max()), 0, row)
-                for k in ("cos", "rho", "cos_within_und", "cos_within_gen", "kl_und", "kl_gen", "cos_block0"):
+                for k in ("cos", "rho", "cos_within_und", "cos_within_gen", "kl_und", "kl_gen", "cos_block0",
+                          "dpo_loss_und_end", "dpo_loss_gen_end"):
                     self.assertTrue(np.isfinite(s[k]), (row, k))
                 self.assertGreater(s["rho"], 0)
                 self.assertTrue(-1 <= s["cos"] <= 1)

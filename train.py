@@ -470,6 +470,8 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
         loss = (losses * keep).sum() / keep.sum()
         m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
     m.update(preference_metrics(cr, rj))
+    # the plain DPO loss at the base beta, whatever the method: ln 2 at policy == reference
+    m["dpo_loss"] = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=args.beta)[0].mean().item()
     m["logps/chosen"], m["logps/rejected"] = pc.mean().item(), pr.mean().item()
     m["tokens"] = ntok
     return loss, m
