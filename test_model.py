@@ -90,6 +90,21 @@ class TestTransformer(unittest.TestCase):
         longer = train.sft_loss(self.model, torch.cat([self.ids, pad], 1),
                                 torch.cat([self.labels, torch.full((4, 5), -100)], 1), is_gen)[0]
         torch.testing.assert_close(loss, longer)
+        # cut into two groups of similar length: the same log-probs and the same gradients
+        x = torch.cat([self.ids, pad], 1)
+        y = torch.cat([self.labels, torch.full((4, 5), -100)], 1)
+        y[1, -3:], x[1, -3:] = 7, 7                        # one long sequence among short ones
+        self.model.zero_grad()
+        full = sequence_logps(self.model(x), y)
+        full.sum().backward()
+        g_full = [p.grad.clone() for p in self.model.parameters()]
+        self.model.zero_grad()
+        cut = train.chunked_logps(self.model, x, y)
+        cut.sum().backward()
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g_full, (p.grad for p in self.model.parameters())):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        self.assertEqual(train.lengths(y).tolist(), [int(r.nonzero().max()) + 1 for r in (y != -100)])
 
     def test_restricted_decoding(self):
         v = self.vocab

@@ -243,11 +243,36 @@ def sft_batch(rng, tok, vocab, args, split="train"):
     return torch.from_numpy(ids).to(args.device), torch.from_numpy(labels).to(args.device), is_gen
 
 
+def lengths(labels):
+    """(B,) real length of each right-padded sequence: up to and including its last labelled token."""
+    last = labels.size(1) - 1 - (labels != -100).flip(1).int().argmax(1)
+    return last + 1
+
+
+def chunked_logps(model, ids, labels):
+    """sequence_logps(model(ids), labels), computed on two groups of similar length, each cut to its
+    own longest sequence. A batch mixes short answers (~22 tokens) with captions (~46): padded to
+    the longest, half of the work would be padding. The numbers are the same (right padding: no
+    real token attends to a pad); the batch is split where it saves the most."""
+    n = lengths(labels)                                                  # (B,)
+    order = n.argsort()
+    L = n[order].tolist()
+    B = len(L)
+    cost = [k * L[k - 1] + (B - k) * L[-1] for k in range(1, B)]         # tokens computed if cut after k
+    k = 1 + min(range(B - 1), key=cost.__getitem__) if B > 1 else B
+    parts = []
+    for idx in (order[:k], order[k:]):
+        if len(idx):
+            T = int(n[idx].max())
+            parts.append(sequence_logps(model(ids[idx, :T]), labels[idx, :T]))
+    return torch.cat(parts)[order.argsort()]                             # (B,) in the batch's order
+
+
 def sft_loss(model, ids, labels, is_gen):
-    """Mean token cross-entropy per task, summed over the two tasks (Show-o style), so the 65
-    image tokens of a generation example do not drown out a short answer. Built on the same
-    per-sequence log-prob sum that the preference losses use."""
-    logps = sequence_logps(model(ids), labels)                          # (B,) summed log-probs
+    """Mean token cross-entropy per task, summed over the two tasks (Show-o style), so that neither
+    task's token count decides its weight. Built on the same per-sequence log-prob sum that the
+    preference losses use."""
+    logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
     ntok = (labels[:, 1:] != -100).sum(1)                               # (B,) labelled tokens
     und = -logps[~is_gen].sum() / ntok[~is_gen].sum().clamp(min=1)
     gen = -logps[is_gen].sum() / ntok[is_gen].sum().clamp(min=1)
@@ -319,7 +344,7 @@ def train_sft(args):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        tokens += ids.numel()
+        tokens += int(lengths(labels).sum())   # real tokens: padding is neither computed nor counted
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             dt = time.perf_counter() - t_log
@@ -403,7 +428,7 @@ def pair_logps(model, vocab, P, idx, images, corrupted, args):
     """(chosen, rejected, corrupted chosen or None) summed log-probs of pairs `idx`, each (B,)."""
     ids, labels = pair_batch(vocab, P, idx, images, corrupted)
     with amp_context(args.device, args.dtype):
-        logps = sequence_logps(model(ids.to(args.device)), labels.to(args.device))   # (2B or 3B,)
+        logps = chunked_logps(model, ids.to(args.device), labels.to(args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
     return parts[0], parts[1], parts[2] if corrupted else None, ids.numel()
 
