@@ -246,7 +246,6 @@ def train_row(args, row, PU, PG, sft_path):
     params = list(policy.parameters())
     groups = layer_groups(policy)
     opt = torch.optim.AdamW(params, lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(args.seed)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
     N = len(PG["pairs"][0].chosen) + 1

@@ -430,7 +430,7 @@ def pair_logps(model, vocab, P, idx, images, corrupted, args):
     with amp_context(args.device, args.dtype):
         logps = chunked_logps(model, ids.to(args.device), labels.to(args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
-    return parts[0], parts[1], parts[2] if corrupted else None, ids.numel()
+    return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum())
 
 
 @torch.no_grad()
