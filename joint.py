@@ -116,7 +116,8 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
                     out["on"].append(GenPair(e, c[best], c[worst], corrupted, (s[best], s[worst]), "on-policy"))
             if s[worst] < 1 and len(out["real"]) < want:
                 corrupted = corrupted_for(rng, e, e.scene, 1.0)
-                out["real"].append(GenPair(e, truth[i], c[worst], corrupted, (1.0, s[worst]), "real"))
+                if corrupted:
+                    out["real"].append(GenPair(e, truth[i], c[worst], corrupted, (1.0, s[worst]), "real"))
             wrong[e.task] = wrong.get(e.task, 0) + (s[worst] < 1)
             asked[e.task] = asked.get(e.task, 0) + 1
         # a task where the model erred on < 1% of the prompts gives (almost) no pairs: stop asking
