@@ -281,15 +281,20 @@ def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
     return (lp[0] - lp[1]).mean().item()
 
 
+def captions(model, tok, vocab, split, n, device, dtype, seed):
+    """Greedy captions of n held-out scenes of `split`: (examples, predicted words)."""
+    rng = random.Random(seed)
+    exs = [data.und_example(rng, data.sample_scene(rng, split), "caption") for _ in range(n)]
+    return exs, answer(model, tok, vocab, exs, device, dtype)
+
+
 def hallucination(model, tok, vocab, n, device, dtype, seed, stats):
     """Captions on ordinary ('test') and bias-breaking ('bias') held-out scenes: CHAIR_s, CHAIR_i,
     Cover, Hal, Cog and length; POPE three ways; answer accuracy (the alignment tax); image reliance."""
     freq, pairs = stats
     res = {}
     for split in ("test", "bias"):
-        rng = random.Random(seed)
-        exs = [data.und_example(rng, data.sample_scene(rng, split), "caption") for _ in range(n)]
-        preds = answer(model, tok, vocab, exs, device, dtype)
+        exs, preds = captions(model, tok, vocab, split, n, device, dtype, seed)
         r = caption_scores(exs, preds)
         r["Hal"] = float(np.mean([data.hallucinated_mentions(e.scene, p) > 0 for e, p in zip(exs, preds)]))
         prone = [data.prone_kinds(e.scene, freq, pairs) for e in exs]
@@ -316,17 +321,24 @@ def compare_value(r, split, col):
     return r[split][col]
 
 
-def compare_table(rows):
-    """rows: {name: [hallucination() result per seed]} -> a Markdown table of mean +- sample std."""
-    head = "| method | " + " | ".join(f"{s} {c}" for s, c in COMPARE_COLS) + " |"
-    lines = [head, "|" + "---|" * (len(COMPARE_COLS) + 1)]
+def seed_table(rows, cols, value=lambda r, c: r.get(c), heads=None, first="row"):
+    """rows: {name: [one result per seed]} -> a Markdown table, each cell the mean +- sample std of
+    value(result, col) over the seeds that measured it (None = not measured, shown as '-')."""
+    lines = [f"| {first} | " + " | ".join(heads or cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, rs in rows.items():
         cells = []
-        for s, c in COMPARE_COLS:
-            v = np.array([compare_value(r, s, c) for r in rs])
-            cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
+        for c in cols:
+            v = np.array([x for x in (value(r, c) for r in rs) if x is not None])
+            cells.append("-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
+                         else f"{v.mean():.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compare_table(rows):
+    """rows: {name: [hallucination() result per seed]} -> the comparison's Markdown table."""
+    return seed_table(rows, COMPARE_COLS, lambda r, c: compare_value(r, *c),
+                      [f"{s} {c}" for s, c in COMPARE_COLS], first="method")
 
 
 

@@ -338,9 +338,7 @@ def tradeoff_eval(model, tok, vocab, args, stats):
     r.update({f"gen_{k}": v for k, v in gen.items()})
     r["answer_acc"] = evaluation.eval_understanding(model, tok, vocab, "test", n, dev, dt, seed,
                                                     tasks=data.UND_TASKS[1:])[0]["answer_acc"]
-    rng = random.Random(seed)
-    exs = [data.und_example(rng, data.sample_scene(rng, "bias"), "caption") for _ in range(n)]
-    caps = evaluation.caption_scores(exs, evaluation.answer(model, tok, vocab, exs, dev, dt))
+    caps = evaluation.caption_scores(*evaluation.captions(model, tok, vocab, "bias", n, dev, dt, seed))
     r["CHAIR_i"], r["Cover"] = caps["CHAIR_i"], caps["Cover"]
     r["POPE_F1"] = evaluation.pope(model, tok, vocab, "bias", n, dev, dt, seed, *stats)["adversarial"]["F1"]
     return r
@@ -350,19 +348,6 @@ OUTCOME_COLS = ["gen_overall", "gen_single", "gen_two", "gen_counting", "gen_col
                 "gen_attribution", "gen_full", "answer_acc", "CHAIR_i", "Cover", "POPE_F1"]
 DIAG_COLS = ["cos", "cos_half", "cos_within_und", "cos_within_gen", "rho", "kl_und", "kl_gen",
              "dpo_loss_und_end", "dpo_loss_gen_end", "acc_gen_end"]
-
-
-def table(rows, cols):
-    """{row: [dict per seed]} -> Markdown, mean +- sample std over seeds ('-' where not measured)."""
-    lines = ["| row | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, rs in rows.items():
-        cells = []
-        for c in cols:
-            v = np.array([r[c] for r in rs if c in r])
-            cells.append("-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
-                         else f"{v.mean():.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def kv_cache_speedup(model, tok, vocab, args, n=256):
@@ -416,14 +401,15 @@ def study(args):
     md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
           "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "
           "and are held out); answer accuracy on test scenes; CHAIR_i, Cover and POPE adversarial F1 on "
-          "bias-breaking scenes.\n\n" + table(rows, OUTCOME_COLS)
+          "bias-breaking scenes.\n\n" + evaluation.seed_table(rows, OUTCOME_COLS)
           + "\nDiagnostics, means over the measured steps: cos = cosine of the understanding and generation "
             "gradients over all (shared) parameters at the full batch; cos_half = the same between half batches, "
             "to be read against the within-task controls cos_within_* (two halves of one batch); rho = "
             "|g_U| / |g_G| (the per-task-beta row's g_G already carries its beta); KL per token of policy from "
             "reference, teacher-forced on held-out true captions / true images; dpo_loss_*_end = the plain DPO "
             "loss at the task's beta over the last quarter (ln 2 = 0.693 at the start).\n\n"
-          + table(trained, DIAG_COLS) + "\nCosine per layer:\n\n" + table(trained, layer_cols))
+          + evaluation.seed_table(trained, DIAG_COLS)
+          + "\nCosine per layer:\n\n" + evaluation.seed_table(trained, layer_cols))
     with open(os.path.join(args.out_dir, "study.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "study.json"), "w") as f:
