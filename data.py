@@ -55,6 +55,11 @@ TEST_BUCKET = 5              # 1 scene in 5 (by hash) is reserved for the test s
 # canonical cells of prompts that name no position: n objects -> cells, in prompt order
 CANONICAL = {1: (4,), 2: (3, 5), 3: (3, 4, 5), 4: (0, 2, 6, 8), 5: (0, 2, 4, 6, 8)}
 RELATION_CELLS = {"left of": (3, 5), "right of": (5, 3), "above": (1, 7), "below": (7, 1)}
+# the reasoning and knowledge probes (probes.py): invented symbol words and invented names, whose
+# meaning is taught through understanding text only, and the words of their grammar
+SYMBOLS = ("zap", "dax", "wug", "fep", "blick", "toma")
+NAMES = ("kiki", "bouba", "lumo", "pexi", "ruta", "zorb")
+PROBE_WORDS = "plus minus means 's in whose this"
 
 
 def _mask(shape):
@@ -224,7 +229,7 @@ def centre(o):
 SPECIALS = ("<pad>", "<end>", "<und>", "<gen>", "<boi>", "<eoi>", "<ans>")
 WORDS = sorted({w for phrase in (*COLOURS, *SHAPES, *PLURAL.values(), *CELLS, *NUMBERS, *RELATIONS,
                                  "yes no nothing describe what colour shape is at the how many "
-                                 "there a and , ?") for w in phrase.split()})
+                                 "there a and , ?", *SYMBOLS, *NAMES, PROBE_WORDS) for w in phrase.split()})
 
 
 class Vocab:
@@ -478,10 +483,11 @@ QUESTION_LEN = 8             # questions are left-padded to this many tokens (se
 def und_prompt(vocab, codes, question):
     """<pad>.. question <boi> image codes <eoi> <und> <ans>. The question comes FIRST so that each
     image token can already check itself against it; it is left-padded to a fixed length so that
-    every image token always sits at the same position (its cell)."""
-    if len(question) > QUESTION_LEN:
+    every image token always sits at the same position (its cell). A text-only question (no
+    codes: the probes' facts) may be longer."""
+    if len(question) > QUESTION_LEN and len(codes):
         raise ValueError(f"question longer than {QUESTION_LEN} words: {' '.join(question)!r}")
-    return [vocab.pad] * (QUESTION_LEN - len(question)) + vocab.encode(question) + [vocab.boi] \
+    return [vocab.pad] * max(0, QUESTION_LEN - len(question)) + vocab.encode(question) + [vocab.boi] \
         + image_tokens(vocab, codes) + [vocab.eoi, vocab.und, vocab.ans]
 
 

@@ -38,9 +38,16 @@ def _batches(items, key, size):
 
 @torch.no_grad()
 def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max_new=32,
-           generator=None, batch=256):
-    """Understanding: one answer (a list of words) per example; decoding restricted to text."""
-    codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
+           generator=None, batch=256, codes=None):
+    """Understanding: one answer (a list of words) per example; decoding restricted to text.
+    The image is the render of each example's scene (none if the scene is None: a text-only
+    question), or `codes`, one list of tokenizer codes per example (e.g. a generated image)."""
+    if codes is None:
+        codes = [[] for _ in exs]
+        seen = [i for i, e in enumerate(exs) if e.scene is not None]
+        if seen:
+            for i, c in zip(seen, tok.encode(np.stack([data.render(exs[i].scene) for i in seen])).tolist()):
+                codes[i] = c
     prompts = [data.und_prompt(vocab, c, e.question) for e, c in zip(exs, codes)]
     allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
     allowed[vocab.text_ids] = True

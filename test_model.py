@@ -160,10 +160,12 @@ class TestPipeline(unittest.TestCase):
             tiny = ["--out_dir", d, "--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
                     "--batch_size", "8", "--log_every", "1", "--eval_n", "4", "--device", "cpu",
                     "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4", "--pref_seeds", "1",
-                    "--gen_pairs", "6", "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4"]
+                    "--gen_pairs", "6", "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4",
+                    "--probe_steps", "2", "--probe_n", "4", "--self_prompts", "8", "--self_steps", "2"]
             train.main(["--stage", "all", "--steps", "3"] + tiny)
             for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png",
-                      "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt", "study.md", "study.json"):
+                      "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt", "study.md", "study.json",
+                      "probes.md", "probes.json"):
                 self.assertTrue(os.path.exists(os.path.join(d, f)), f)
             self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
             ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)
@@ -185,6 +187,10 @@ class TestPipeline(unittest.TestCase):
                 train.main(["--stage", "sft", "--resume", "--out_dir", d])   # no tokenizer there yet
             with self.assertRaises(SystemExit):
                 train.load_model(os.path.join(d, "missing.pt"), "cpu")
+            bad = os.path.join(d, "other_vocab.pt")       # a checkpoint of another vocabulary
+            torch.save({"model_config": {"vocab_size": 3}, "n_codes": 8}, bad)
+            with self.assertRaisesRegex(SystemExit, "vocabulary of 3 tokens"):
+                train.load_model(bad, "cpu")
 
 
 if __name__ == "__main__":

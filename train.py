@@ -1,17 +1,20 @@
 """
 Train the unified model, end to end. With no arguments it runs the whole pipeline:
 
-    python train.py                                  # tokenizer -> sft -> eval -> pref -> joint
+    python train.py                                  # tokenizer -> sft -> eval -> pref -> joint -> probe
     python train.py --preset quick --steps 50        # a tiny CPU run
     python train.py --stage sft --resume             # continue an interrupted SFT run
     python train.py --stage pref --method mdpo       # one preference run from out/sft.pt
     python train.py --stage joint                    # do understanding and generation fight?
+    python train.py --stage probe                    # does understanding inform generation?
 
 Stages: `tokenizer` fits the VQ codebook; `sft` trains understanding and generation jointly;
 `eval` runs eval.py on the SFT checkpoint; `pref` builds preference pairs and trains DPO,
 mDPO, DAMA and the papers' controls from the SFT model, then compares them on the
 hallucination benchmark; `joint` adds preference optimisation for generation and joint
-understanding + generation training, with gradient diagnostics (joint.py). Everything lands in
+understanding + generation training, with gradient diagnostics (joint.py); `probe` asks whether
+facts taught through understanding reach generation, directly, via chain-of-thought and after
+self-training (probes.py). Everything lands in
 --out_dir (checkpoints, log.txt, results).
 """
 import argparse
@@ -31,7 +34,7 @@ from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
+    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=5000, batch_size=48, lr=1e-3),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
@@ -47,7 +50,7 @@ METHODS = {
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # run
-parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval", "pref", "joint"],
+parser.add_argument("--stage", default="all", choices=["all", "tokenizer", "sft", "eval", "pref", "joint", "probe"],
                     help="which stage to run; 'all' runs every stage in order")
 parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
                     help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
@@ -115,6 +118,13 @@ parser.add_argument("--gen_beta", type=float, default=None,
 parser.add_argument("--joint_steps", type=int, default=120,
                     help="optimizer steps of each joint-study run (--pref_batch understanding + --pref_batch generation pairs)")
 parser.add_argument("--joint_eval_n", type=int, default=100, help="held-out examples per task in the joint study's evaluation")
+# does understanding inform generation? reasoning and knowledge probes (stage probe, probes.py; seeds: --pref_seeds)
+parser.add_argument("--probe_steps", type=int, default=600,
+                    help="steps teaching the probes' facts through understanding (half of each batch: ordinary SFT data)")
+parser.add_argument("--probe_lr", type=float, default=3e-4, help="learning rate of the probes' fine-tuning and self-training")
+parser.add_argument("--probe_n", type=int, default=100, help="held-out probe prompts per family")
+parser.add_argument("--self_prompts", type=int, default=1000, help="training probe prompts drawn via CoT for self-training")
+parser.add_argument("--self_steps", type=int, default=200, help="self-training steps on the accepted CoT drawings")
 parser.add_argument("--diag_every", type=int, default=10,
                     help="steps between gradient diagnostics (every step's gradients are used; this adds the controls)")
 
@@ -142,7 +152,8 @@ def resolve(args):
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
     for k in ("steps", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
-              "joint_steps", "joint_eval_n", "diag_every"):
+              "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
+              "self_steps"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.n_embd % args.n_head:
@@ -190,11 +201,15 @@ def load_model(path, device):
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path}")
     ck = torch.load(path, map_location=device, weights_only=False)
+    vocab = data.Vocab(ck["n_codes"])
+    if ck["model_config"]["vocab_size"] != vocab.size:
+        raise SystemExit(f"error: {path} has a vocabulary of {ck['model_config']['vocab_size']} tokens, this "
+                         f"code's has {vocab.size}; it was trained by another version: retrain it")
     model = GPT(GPTConfig(**ck["model_config"])).to(device)
     model.load_state_dict(ck["model"])
     tok = PatchTokenizer(ck["n_codes"], ck["patch"], data.CANVAS).to(device)
     tok.load_state_dict(ck["tokenizer"])
-    return model.eval(), tok, data.Vocab(ck["n_codes"]), ck
+    return model.eval(), tok, vocab, ck
 
 
 # -----------------------------------------------------------------------------
@@ -225,8 +240,9 @@ def train_tokenizer(args):
 # -----------------------------------------------------------------------------
 # stage 2: joint SFT (understanding + generation)
 
-def sft_batch(rng, tok, vocab, args, split="train"):
-    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, is_gen)."""
+def sft_batch(rng, tok, vocab, args, split="train", extra=()):
+    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, is_gen).
+    extra: more (ids, labels, is_gen) sequences to train on in the same batch (probes.py)."""
     n_und = round(args.batch_size * args.und_frac)
     exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
            for _ in range(n_und)]
@@ -238,8 +254,8 @@ def sft_batch(rng, tok, vocab, args, split="train"):
             seqs.append(data.gen_sequence(vocab, c, [] if rng.random() < args.cfg_drop else e.question))
         else:
             seqs.append(data.und_sequence(vocab, c, e.question, e.answer))
-    ids, labels = data.collate(seqs, vocab.pad)
-    is_gen = torch.tensor([e.is_gen for e in exs], device=args.device)
+    ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
+    is_gen = torch.tensor([e.is_gen for e in exs] + [g for _, _, g in extra], device=args.device)
     return torch.from_numpy(ids).to(args.device), torch.from_numpy(labels).to(args.device), is_gen
 
 
@@ -606,6 +622,9 @@ def main(argv=None):
     if args.stage in ("all", "joint"):
         import joint
         joint.study(args)
+    if args.stage in ("all", "probe"):
+        import probes
+        probes.study(args)
     log(args, f"pipeline | stage {args.stage} finished in {time.perf_counter() - t0:.0f} s")
 
 
