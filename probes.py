@@ -140,7 +140,7 @@ def fact_example(rng, fav):
     return p.cot_question, p.resolved, None
 
 
-def encode_facts(rng, tok, vocab, facts):
+def encode_facts(tok, vocab, facts):
     """[(question, answer, scene or None)] -> [(ids, labels, is_gen=False)] understanding sequences."""
     with_img = [i for i, f in enumerate(facts) if f[2] is not None]
     codes = [[] for _ in facts]
@@ -152,7 +152,8 @@ def encode_facts(rng, tok, vocab, facts):
 
 def finetune(model, tok, vocab, args, steps, extra_fn, desc):
     """Continue SFT for `steps` with half of each batch ordinary SFT data and half `extra_fn(rng, n)`
-    sequences; AdamW at --probe_lr, linear warm-up. Returns the final loss."""
+    sequences; AdamW at --probe_lr, linear warm-up. The data order is seeded by `desc`, which names
+    the phase and the seed. Returns the final loss."""
     rng = random.Random(desc)
     half = copy.copy(args)
     half.batch_size = args.batch_size - args.batch_size // 2
@@ -174,11 +175,13 @@ def finetune(model, tok, vocab, args, steps, extra_fn, desc):
 
 
 def text_answers(model, tok, vocab, questions, args, codes=None):
+    """Greedy text answers to questions without an image (or about the images given as `codes`)."""
     exs = [data.Example("probe", None, q, []) for q in questions]
     return evaluation.answer(model, tok, vocab, exs, args.device, args.dtype, max_new=8, codes=codes)
 
 
 def draw(model, tok, vocab, prompts, args, g):
+    """(images, codes) drawn for the prompts at --gen_temperature with guidance --cfg_scale."""
     return evaluation.draw(model, tok, vocab, prompts, args.device, args.dtype, args.gen_temperature,
                            args.cfg_scale, g, return_codes=True)
 
@@ -242,7 +245,7 @@ def self_training_extra(tok, vocab, fav, kept):
     direct prompt -> image sequences. With kept=None, the control: facts only, for the same steps."""
     def extra(rng, n):
         k = n // 2 if kept else n
-        facts = encode_facts(rng, tok, vocab, [fact_example(rng, fav) for _ in range(k)])
+        facts = encode_facts(tok, vocab, [fact_example(rng, fav) for _ in range(k)])
         return facts + [(*data.gen_sequence(vocab, c, w), True) for w, c in (rng.choice(kept) for _ in range(n - k))]
     return extra
 
@@ -258,7 +261,7 @@ def run_seed(args, seed, sft_path):
     rng = random.Random(seed + 20_000)
     probes = {f: [sample_probe(rng, f, "test", fav) for _ in range(args.probe_n)] for f in FAMILIES}
     loss = finetune(model, tok, vocab, a, args.probe_steps,
-                    lambda r, n: encode_facts(r, tok, vocab, [fact_example(r, fav) for _ in range(n)]),
+                    lambda r, n: encode_facts(tok, vocab, [fact_example(r, fav) for _ in range(n)]),
                     f"facts s{seed}")
     res = evaluate(model, tok, vocab, a, fav, probes, seed)
     kept, kept_frac = accepted_cot_drawings(model, tok, vocab, a, fav, seed)

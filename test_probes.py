@@ -106,7 +106,7 @@ class TestProbes(unittest.TestCase):
         vocab = data.Vocab(tok.n_codes)
         args = Namespace(batch_size=24, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, device="cpu")
         rng = random.Random(3)
-        facts = lambda r, n: probes.encode_facts(r, tok, vocab, [probes.fact_example(r, self.fav) for _ in range(n)])
+        facts = lambda r, n: probes.encode_facts(tok, vocab, [probes.fact_example(r, self.fav) for _ in range(n)])
         seen_und = 0
         for step in range(30):
             ids, _, _ = train.sft_batch(rng, tok, vocab, args, extra=facts(rng, 24) if step % 2 else ())
