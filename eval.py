@@ -36,6 +36,16 @@ def _batches(items, key, size):
             yield idx[k:k + size]
 
 
+def scene_codes(tok, scenes):
+    """The tokenizer codes of each scene's render, a list of lists ([] for a scene that is None)."""
+    codes = [[] for _ in scenes]
+    seen = [i for i, s in enumerate(scenes) if s is not None]
+    if seen:
+        for i, c in zip(seen, tok.encode(np.stack([data.render(scenes[i]) for i in seen])).tolist()):
+            codes[i] = c
+    return codes
+
+
 @torch.no_grad()
 def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max_new=32,
            generator=None, batch=256, codes=None):
@@ -43,11 +53,7 @@ def answer(model, tok, vocab, exs, device, dtype="float32", temperature=0.0, max
     The image is the render of each example's scene (none if the scene is None: a text-only
     question), or `codes`, one list of tokenizer codes per example (e.g. a generated image)."""
     if codes is None:
-        codes = [[] for _ in exs]
-        seen = [i for i, e in enumerate(exs) if e.scene is not None]
-        if seen:
-            for i, c in zip(seen, tok.encode(np.stack([data.render(exs[i].scene) for i in seen])).tolist()):
-                codes[i] = c
+        codes = scene_codes(tok, [e.scene for e in exs])
     prompts = [data.und_prompt(vocab, c, e.question) for e, c in zip(exs, codes)]
     allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
     allowed[vocab.text_ids] = True

@@ -142,11 +142,7 @@ def fact_example(rng, fav):
 
 def encode_facts(tok, vocab, facts):
     """[(question, answer, scene or None)] -> [(ids, labels, is_gen=False)] understanding sequences."""
-    with_img = [i for i, f in enumerate(facts) if f[2] is not None]
-    codes = [[] for _ in facts]
-    if with_img:
-        for i, c in zip(with_img, tok.encode(np.stack([data.render(facts[i][2]) for i in with_img])).tolist()):
-            codes[i] = c
+    codes = evaluation.scene_codes(tok, [scene for _, _, scene in facts])
     return [(*data.und_sequence(vocab, c, q, a), False) for (q, a, _), c in zip(facts, codes)]
 
 
