@@ -122,18 +122,26 @@ def favourite_scene(rng, kind):
     return (data.Obj(*kind, data.CANONICAL[1][0], rng.choice(data.JITTER), rng.choice(data.JITTER)),)
 
 
+def arithmetic_fact(a, op, b, r):
+    """'what is two plus one ?' -> ['three']."""
+    return ["what", "is", data.NUMBERS[a], op, data.NUMBERS[b], "?"], [data.NUMBERS[r]]
+
+
+def name_fact(fav, name, attr):
+    """'what is kiki 's shape ?' -> ['diamond'] (attr: 'colour' or 'shape')."""
+    return ["what", "is", name, "'s", attr, "?"], [fav[name][ATTR[attr]]]
+
+
 def fact_example(rng, fav):
     """One understanding example that teaches the probes' facts: (question, answer, scene or None).
     Atomic facts (arithmetic, the names' favourites, 'whose is this ?' on a true render) and
     chain-of-thought rewrites of TRAINING probe prompts ('what is <prompt> ?' -> the plain prompt)."""
     kind = rng.randrange(7)
     if kind == 0:
-        a, op, b, r = rng.choice(EXPRESSIONS)
-        return ["what", "is", data.NUMBERS[a], op, data.NUMBERS[b], "?"], [data.NUMBERS[r]], None
+        return (*arithmetic_fact(*rng.choice(EXPRESSIONS)), None)
     name = rng.choice(data.NAMES)
     if kind == 1:
-        attr = rng.choice(("colour", "shape"))
-        return ["what", "is", name, "'s", attr, "?"], [fav[name][ATTR[attr]]], None
+        return (*name_fact(fav, name, rng.choice(list(ATTR))), None)
     if kind == 2:
         return INVERSE_Q, [name], favourite_scene(rng, fav[name])
     p = sample_probe(rng, FAMILIES[kind - 3], "train", fav)
@@ -190,10 +198,8 @@ def evaluate(model, tok, vocab, args, fav, probes, seed, modes=("plain", "direct
     the model's own drawings of one person's favourite: a hit needs a right drawing AND the right name."""
     g = torch.Generator(device=args.device).manual_seed(seed)
     res = {f: {} for f in ROWS}
-    facts = {"arithmetic": [(["what", "is", data.NUMBERS[a], op, data.NUMBERS[b], "?"], [data.NUMBERS[r]])
-                            for a, op, b, r in EXPRESSIONS],
-             "knowledge": [(["what", "is", n, "'s", attr, "?"], [fav[n][ATTR[attr]]])
-                           for n in data.NAMES for attr in ATTR]}
+    facts = {"arithmetic": [arithmetic_fact(*e) for e in EXPRESSIONS],
+             "knowledge": [name_fact(fav, n, attr) for n in data.NAMES for attr in ATTR]}
     for f, qa in facts.items():
         preds = text_answers(model, tok, vocab, [q for q, _ in qa], args)
         res[f]["und facts"] = float(np.mean([p == a for p, (_, a) in zip(preds, qa)]))
