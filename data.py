@@ -47,7 +47,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 COMPANION = {("red", "circle"): ("blue", "square"), ("yellow", "triangle"): ("green", "cross"),
              ("purple", "diamond"): ("orange", "circle"), ("green", "square"): ("red", "triangle")}
 # colour+shape combinations that never appear in training (compositional test split)
-COOC = 0.75                  # default probability that an anchor's companion joins a scene
+COOC = 0.5                   # default probability that an anchor's companion joins a scene
 HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("yellow", "square")}
 KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]
