@@ -79,6 +79,7 @@ def _mask(shape):
 
 
 MASKS = {s: _mask(s) for s in SHAPES}
+MASK_IMAGES = {s: Image.fromarray(m.astype(np.uint8) * 255) for s, m in MASKS.items()}   # Pillow paste masks
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,7 @@ def render(scene):
     for o in scene:
         r, c = divmod(o.cell, 3)
         box = (STARTS[c] + o.dx, STARTS[r] + o.dy)
-        img.paste(COLOURS[o.colour], box + (box[0] + SIZE, box[1] + SIZE),
-                  mask=Image.fromarray(MASKS[o.shape].astype(np.uint8) * 255))
+        img.paste(COLOURS[o.colour], box + (box[0] + SIZE, box[1] + SIZE), mask=MASK_IMAGES[o.shape])
     return np.asarray(img)
 
 
