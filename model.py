@@ -192,13 +192,15 @@ class GPT(nn.Module):
         img = self.code_proj(self.code_pixels)                          # (n_codes, C)
         return self.wte.weight + F.pad(img, (0, 0, n_text, 0))          # (V, C)
 
-    def forward(self, idx, caches=None):
-        """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None."""
+    def forward(self, idx, caches=None, table=None):
+        """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None.
+        `table`: embedding_table() if the caller already has it (one computation for several
+        forwards of one step; its gradient flows back the same way)."""
         B, T = idx.size()
         start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
-        table = self.embedding_table()                                  # (V, C)
+        table = self.embedding_table() if table is None else table        # (V, C)
         pos = torch.arange(start, start + T, device=idx.device)         # (T,)
         x = F.embedding(idx, table) + self.wpe(pos)                     # (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -219,14 +221,14 @@ class GPT(nn.Module):
         caches = [[{} for _ in self.blocks] if use_cache else None for _ in branches]
         out = idx.new_empty(idx.size(0), 0)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        new = None
+        new, table = None, self.embedding_table()                     # fixed while decoding
         for _ in range(n_new):
             logits = []
             for b, cache in zip(branches, caches):
                 if use_cache and new is not None:
-                    logits.append(self(new, cache)[:, -1])              # (B, V), one new token
+                    logits.append(self(new, cache, table)[:, -1])       # (B, V), one new token
                 else:
-                    logits.append(self(torch.cat([b, out], 1), cache)[:, -1])
+                    logits.append(self(torch.cat([b, out], 1), cache, table)[:, -1])
             lg = logits[0].float()
             if uncond_idx is not None:
                 lg = (1 + cfg_scale) * lg - cfg_scale * logits[1].float()
