@@ -166,9 +166,9 @@ def finetune(model, tok, vocab, args, steps, extra_fn, desc):
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         for g in opt.param_groups:
             g["lr"] = args.probe_lr * min(1.0, step / 20)
-        ids, labels, is_gen = train.sft_batch(rng, tok, vocab, half, extra=extra_fn(rng, args.batch_size // 2))
+        ids, labels, task = train.sft_batch(rng, tok, vocab, half, extra=extra_fn(rng, args.batch_size // 2))
         with amp_context(args.device, args.dtype):
-            loss, und, gen = train.sft_loss(model, ids, labels, is_gen)
+            loss, und, gen = train.sft_loss(model, ids, labels, task)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:

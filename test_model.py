@@ -84,11 +84,11 @@ class TestTransformer(unittest.TestCase):
         self.assertTrue(torch.all(logits.grad[:, -1] == 0))
         self.assertTrue(all(logits.grad[:, :-1][target_next].abs().sum(-1) > 0))
         # the SFT loss ignores the padding: a longer pad tail changes nothing
-        is_gen = torch.tensor([False, False, True, True])
-        loss = train.sft_loss(self.model, self.ids, self.labels, is_gen)[0]
+        task = torch.tensor([0, 4, -1, -1])   # caption, exists, then two generation
+        loss = train.sft_loss(self.model, self.ids, self.labels, task)[0]
         pad = torch.full((4, 5), self.vocab.pad)
         longer = train.sft_loss(self.model, torch.cat([self.ids, pad], 1),
-                                torch.cat([self.labels, torch.full((4, 5), -100)], 1), is_gen)[0]
+                                torch.cat([self.labels, torch.full((4, 5), -100)], 1), task)[0]
         torch.testing.assert_close(loss, longer)
         # cut into two groups of similar length: the same log-probs and the same gradients
         x = torch.cat([self.ids, pad], 1)
@@ -105,6 +105,16 @@ class TestTransformer(unittest.TestCase):
         for a, b in zip(g_full, (p.grad for p in self.model.parameters())):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         self.assertEqual(train.lengths(y).tolist(), [int(r.nonzero().max()) + 1 for r in (y != -100)])
+
+    def test_sft_loss_weighs_tasks_not_tokens(self):
+        task = torch.tensor([0, 4, -1, -1])                 # caption, exists, then two generation
+        loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, task)
+        logps = sequence_logps(self.model(self.ids), self.labels)
+        ntok = (self.labels[:, 1:] != -100).sum(1)
+        self.assertGreater(int(ntok[0]), 3 * int(ntok[1]))  # a caption has many more targets than a yes/no
+        torch.testing.assert_close(und, (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2)
+        torch.testing.assert_close(gen, -(logps[2] + logps[3]) / (ntok[2] + ntok[3]))
+        torch.testing.assert_close(loss, und + gen)
 
     def test_restricted_decoding(self):
         v = self.vocab
@@ -140,15 +150,15 @@ class TestTransformer(unittest.TestCase):
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
     def test_bf16_autocast_path(self):
-        is_gen = torch.tensor([False, False, True, True])
+        task = torch.tensor([0, 4, -1, -1])   # caption, exists, then two generation
         self.model.train()
         with amp_context("cpu", "bfloat16"):
-            loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, is_gen)
+            loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, task)
         loss.backward()
         self.assertTrue(torch.isfinite(loss) and und > 0 and gen > 0)
         self.assertTrue(all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None))
         with amp_context("cpu", "float32"):
-            loss32 = train.sft_loss(self.model, self.ids, self.labels, is_gen)[0]
+            loss32 = train.sft_loss(self.model, self.ids, self.labels, task)[0]
         self.assertLess(abs(loss.item() - loss32.item()) / loss32.item(), 0.05)
 
 

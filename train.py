@@ -241,8 +241,10 @@ def train_tokenizer(args):
 # stage 2: joint SFT (understanding + generation)
 
 def sft_batch(rng, tok, vocab, args, split="train", extra=()):
-    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, is_gen).
-    extra: more (ids, labels, is_gen) sequences to train on in the same batch (probes.py)."""
+    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
+    task (B,) long = the index of the example's understanding task in data.UND_TASKS, -1 for
+    generation. extra: more (ids, labels, is_gen) sequences to train on in the same batch
+    (probes.py); their understanding sequences form one more task, len(data.UND_TASKS)."""
     n_und = round(args.batch_size * args.und_frac)
     exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
            for _ in range(n_und)]
@@ -255,8 +257,10 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=()):
         else:
             seqs.append(data.und_sequence(vocab, c, e.question, e.answer))
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
-    is_gen = torch.tensor([e.is_gen for e in exs] + [g for _, _, g in extra], device=args.device)
-    return torch.from_numpy(ids).to(args.device), torch.from_numpy(labels).to(args.device), is_gen
+    task = [-1 if e.is_gen else data.UND_TASKS.index(e.task) for e in exs]
+    task += [-1 if g else len(data.UND_TASKS) for _, _, g in extra]
+    return (torch.from_numpy(ids).to(args.device), torch.from_numpy(labels).to(args.device),
+            torch.tensor(task, device=args.device))
 
 
 def lengths(labels):
@@ -276,22 +280,28 @@ def chunked_logps(model, ids, labels):
     B = len(L)
     cost = [k * L[k - 1] + (B - k) * L[-1] for k in range(1, B)]         # tokens computed if cut after k
     k = 1 + min(range(B - 1), key=cost.__getitem__) if B > 1 else B
-    parts = []
+    parts, table = [], model.embedding_table()                          # the table once for both
     for idx in (order[:k], order[k:]):
         if len(idx):
             T = int(n[idx].max())
-            parts.append(sequence_logps(model(ids[idx, :T]), labels[idx, :T]))
+            parts.append(sequence_logps(model(ids[idx, :T], table=table), labels[idx, :T]))
     return torch.cat(parts)[order.argsort()]                             # (B,) in the batch's order
 
 
-def sft_loss(model, ids, labels, is_gen):
-    """Mean token cross-entropy per task, summed over the two tasks (Show-o style), so that neither
-    task's token count decides its weight. Built on the same per-sequence log-prob sum that the
-    preference losses use."""
+def sft_loss(model, ids, labels, task):
+    """The mean token cross-entropy of each task; the understanding tasks' means averaged, plus
+    generation's (Show-o sums the two modalities' losses): no task's token count decides its
+    weight. (A caption has ~17 target tokens, a short answer 2.) task: (B,) as from sft_batch.
+    Built on the same per-sequence log-prob sum that the preference losses use."""
     logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
     ntok = (labels[:, 1:] != -100).sum(1)                               # (B,) labelled tokens
-    und = -logps[~is_gen].sum() / ntok[~is_gen].sum().clamp(min=1)
-    gen = -logps[is_gen].sum() / ntok[is_gen].sum().clamp(min=1)
+
+    def mean_ce(rows):
+        return -logps[rows].sum() / ntok[rows].sum().clamp(min=1)
+
+    und_tasks = task[task >= 0].unique().tolist()
+    und = torch.stack([mean_ce(task == t) for t in und_tasks]).mean() if und_tasks else logps.new_zeros(())
+    gen = mean_ce(task < 0)
     return und + gen, und, gen
 
 
@@ -316,8 +326,10 @@ def train_sft(args):
     model = GPT(mcfg, tok.codebook).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # the fused kernel (CUDA, and CPU since torch 2.4) halves the optimizer's share of a small step
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95),
+                            fused=torch.device(args.device).type in ("cuda", "cpu"))
     rng, step = random.Random(args.seed), 0
     path = os.path.join(args.out_dir, "sft.pt")
     if args.resume:
@@ -351,9 +363,9 @@ def train_sft(args):
         lr = args.lr * frac * (0.1 + 0.9 * cos)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, is_gen = sft_batch(rng, tok, vocab, args)
+        ids, labels, task = sft_batch(rng, tok, vocab, args)
         with amp_context(args.device, args.dtype):
-            loss, und, gen = sft_loss(model, ids, labels, is_gen)
+            loss, und, gen = sft_loss(model, ids, labels, task)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
