@@ -168,7 +168,7 @@ def finetune(model, tok, vocab, args, steps, extra_fn, desc):
             g["lr"] = args.probe_lr * min(1.0, step / 20)
         ids, labels, task = train.sft_batch(rng, tok, vocab, half, extra=extra_fn(rng, args.batch_size // 2))
         with amp_context(args.device, args.dtype):
-            loss, und, gen = train.sft_loss(model, ids, labels, task)
+            loss, und, gen = train.sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:

@@ -106,15 +106,22 @@ class TestTransformer(unittest.TestCase):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         self.assertEqual(train.lengths(y).tolist(), [int(r.nonzero().max()) + 1 for r in (y != -100)])
 
-    def test_sft_loss_weighs_tasks_not_tokens(self):
+    def test_sft_loss_weighting(self):
         task = torch.tensor([0, 4, -1, -1])                 # caption, exists, then two generation
-        loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, task)
         logps = sequence_logps(self.model(self.ids), self.labels)
         ntok = (self.labels[:, 1:] != -100).sum(1)
         self.assertGreater(int(ntok[0]), 3 * int(ntok[1]))  # a caption has many more targets than a yes/no
-        torch.testing.assert_close(und, (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2)
-        torch.testing.assert_close(gen, -(logps[2] + logps[3]) / (ntok[2] + ntok[3]))
-        torch.testing.assert_close(loss, und + gen)
+        gen = -(logps[2] + logps[3]) / (ntok[2] + ntok[3])
+        want = {"tokens": -(logps[0] + logps[1]) / (ntok[0] + ntok[1]),
+                "tasks": (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2,
+                "groups": (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2}
+        for mode, und_want in want.items():
+            loss, und, g = train.sft_loss(self.model, self.ids, self.labels, task, mode)
+            torch.testing.assert_close(und, und_want)
+            torch.testing.assert_close(g, gen)
+            torch.testing.assert_close(loss, und + g)
+        with self.assertRaises(ValueError):
+            train.sft_loss(self.model, self.ids, self.labels, task, "words")
 
     def test_restricted_decoding(self):
         v = self.vocab

@@ -80,6 +80,9 @@ parser.add_argument("--steps", type=int, default=None, help="SFT optimizer steps
 parser.add_argument("--batch_size", type=int, default=None, help="sequences per step")
 parser.add_argument("--und_frac", type=float, default=0.75,
                     help="fraction of each SFT batch that is understanding (the rest is generation)")
+parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
+                    help="how SFT weighs understanding examples: by answer tokens, each task equally, "
+                         "or captions and short questions equally (see sft_loss)")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -288,19 +291,29 @@ def chunked_logps(model, ids, labels):
     return torch.cat(parts)[order.argsort()]                             # (B,) in the batch's order
 
 
-def sft_loss(model, ids, labels, task):
-    """The mean token cross-entropy of each task; the understanding tasks' means averaged, plus
-    generation's (Show-o sums the two modalities' losses): no task's token count decides its
-    weight. (A caption has ~17 target tokens, a short answer 2.) task: (B,) as from sft_batch.
-    Built on the same per-sequence log-prob sum that the preference losses use."""
+def sft_loss(model, ids, labels, task, und_loss="tokens"):
+    """Generation's mean token cross-entropy plus understanding's (Show-o sums the two
+    modalities' losses, so that neither one's token count decides its weight). task: (B,) as from
+    sft_batch. Inside understanding (--und_loss): 'tokens' = one mean over all answer tokens, so a
+    caption (~17 targets) weighs ~8x a short answer (2); 'tasks' = the mean of each task's token
+    mean; 'groups' = the mean of two means, captions and short questions (README, "What we
+    measured"). Built on the same per-sequence log-prob sum that the preference losses use."""
     logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
     ntok = (labels[:, 1:] != -100).sum(1)                               # (B,) labelled tokens
 
     def mean_ce(rows):
         return -logps[rows].sum() / ntok[rows].sum().clamp(min=1)
 
-    und_tasks = task[task >= 0].unique().tolist()
-    und = torch.stack([mean_ce(task == t) for t in und_tasks]).mean() if und_tasks else logps.new_zeros(())
+    if und_loss == "tokens":
+        groups = [task >= 0]
+    elif und_loss == "tasks":
+        groups = [task == t for t in task[task >= 0].unique().tolist()]
+    elif und_loss == "groups":
+        groups = [task == 0, task > 0]                                  # captions; short questions
+    else:
+        raise ValueError(f"unknown und_loss {und_loss!r}: expected tokens, tasks or groups")
+    groups = [rows for rows in groups if rows.any()]
+    und = torch.stack([mean_ce(rows) for rows in groups]).mean() if groups else logps.new_zeros(())
     gen = mean_ce(task < 0)
     return und + gen, und, gen
 
@@ -365,7 +378,7 @@ def train_sft(args):
             g["lr"] = lr
         ids, labels, task = sft_batch(rng, tok, vocab, args)
         with amp_context(args.device, args.dtype):
-            loss, und, gen = sft_loss(model, ids, labels, task)
+            loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
