@@ -227,7 +227,9 @@ def centre(o):
 # the word-level vocabulary, derived from the grammar
 
 SPECIALS = ("<pad>", "<end>", "<und>", "<gen>", "<boi>", "<eoi>", "<ans>")
-WORDS = sorted({w for phrase in (*COLOURS, *SHAPES, *PLURAL.values(), *CELLS, *NUMBERS, *RELATIONS,
+PLURAL_MARK = "+s"           # 'circles' is two tokens, 'circle' '+s': the plural shares its noun's embedding
+STEM = {p: s for s, p in PLURAL.items()}
+WORDS = sorted({w for phrase in (*COLOURS, *SHAPES, PLURAL_MARK, *CELLS, *NUMBERS, *RELATIONS,
                                  "yes no nothing describe what colour shape is at the how many "
                                  "there a and , ?", *SYMBOLS, *NAMES, PROBE_WORDS) for w in phrase.split()})
 
@@ -255,13 +257,27 @@ class Vocab:
         return list(range(self.n_text, self.size))
 
     def encode(self, words):
-        try:
-            return [self.stoi[w] for w in words]
-        except KeyError as e:
-            raise ValueError(f"word {e.args[0]!r} is not in the vocabulary") from None
+        """Words -> ids; a plural noun becomes two tokens, its singular and the plural mark."""
+        ids = []
+        for w in words:
+            if w in STEM:
+                ids += [self.stoi[STEM[w]], self.stoi[PLURAL_MARK]]
+            elif w in self.stoi:
+                ids.append(self.stoi[w])
+            else:
+                raise ValueError(f"word {w!r} is not in the vocabulary")
+        return ids
 
     def decode(self, ids):
-        return [self.itos[i] if i < self.n_text else f"<img{i - self.n_text}>" for i in ids]
+        """Ids -> words, a noun and its plural mark joined again ('circle' '+s' -> 'circles')."""
+        words = []
+        for i in ids:
+            w = self.itos[i] if i < self.n_text else f"<img{i - self.n_text}>"
+            if w == PLURAL_MARK and words and words[-1] in PLURAL:
+                words[-1] = PLURAL[words[-1]]
+            else:
+                words.append(w)
+        return words
 
 
 # -----------------------------------------------------------------------------
@@ -477,18 +493,18 @@ def image_tokens(vocab, codes):
     return [vocab.n_text + c for c in codes]
 
 
-QUESTION_LEN = 8             # questions are left-padded to this many tokens (see und_prompt)
+def cell_word_ids(vocab, grid):
+    """For each of an image's grid*grid tokens (row-major), the ids of its cell's row and column
+    words: [[id('top'), id('left')], ...]; with a 6x6 grid, 2x2 tokens share a cell."""
+    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
+    return [vocab.encode([rows[r * 3 // grid], cols[c * 3 // grid]]) for r in range(grid) for c in range(grid)]
 
 
 def und_prompt(vocab, codes, question):
-    """<pad>.. question <boi> image codes <eoi> <und> <ans>. The question comes FIRST so that each
-    image token can already check itself against it; it is left-padded to a fixed length so that
-    every image token always sits at the same position (its cell). A text-only question (no
-    codes: the probes' facts) may be longer."""
-    if len(question) > QUESTION_LEN and len(codes):
-        raise ValueError(f"question longer than {QUESTION_LEN} words: {' '.join(question)!r}")
-    return [vocab.pad] * max(0, QUESTION_LEN - len(question)) + vocab.encode(question) + [vocab.boi] \
-        + image_tokens(vocab, codes) + [vocab.eoi, vocab.und, vocab.ans]
+    """<und> <boi> image codes <eoi> question <ans>. The image comes first (as in LLaVA), so its
+    tokens always sit at the same positions and several questions about it can follow
+    (und_sequence). A text-only question (no codes: the probes' facts) has an empty image."""
+    return [vocab.und, vocab.boi] + image_tokens(vocab, codes) + [vocab.eoi] + vocab.encode(question) + [vocab.ans]
 
 
 def gen_prompt(vocab, prompt_words):
@@ -496,10 +512,18 @@ def gen_prompt(vocab, prompt_words):
     return [vocab.gen] + vocab.encode(prompt_words) + [vocab.boi]
 
 
-def und_sequence(vocab, codes, question, answer):
-    """und_prompt | answer <end>, labelled on the answer and <end> only (-100 elsewhere)."""
-    prompt, target = und_prompt(vocab, codes, question), vocab.encode(answer) + [vocab.end]
-    return prompt + target, [-100] * len(prompt) + target
+def und_sequence(vocab, codes, question, answer, more=()):
+    """und_prompt | answer <end>, then one more turn `question <ans> | answer <end>` for each
+    (question, answer) in `more` (the same image, asked again); labelled on the answers and their
+    <end> only (-100 elsewhere). Several questions per image = several answers to learn from for
+    one image's tokens (SFT's --turns)."""
+    ids, labels = [], []
+    for k, (q, a) in enumerate([(question, answer), *more]):
+        prompt = und_prompt(vocab, codes, q) if k == 0 else vocab.encode(q) + [vocab.ans]
+        target = vocab.encode(a) + [vocab.end]
+        ids += prompt + target
+        labels += [-100] * len(prompt) + target
+    return ids, labels
 
 
 def gen_sequence(vocab, codes, prompt_words):

@@ -3,7 +3,7 @@ The unified model: an image tokenizer and ONE decoder-only transformer over ONE 
 text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.09818).
 
     image (24, 24, 3) --PatchTokenizer.encode--> 9 codes --(+ n_text)--> tokens in the shared vocab
-    understanding: <pad>.. question <boi> 9 codes <eoi> <und> <ans> | answer <end>
+    understanding: <und> <boi> 9 codes <eoi> question <ans> | answer <end> [question <ans> | answer <end>]..
     generation:    <gen> prompt <boi> | 9 codes <eoi>
 
 The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 8x8x3
@@ -108,6 +108,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    # per token of an image (row-major), the ids of its cell's row and column words ('top', 'left'):
+    # image tokens get their sum as a 2D position embedding tied to the text (data.cell_word_ids)
+    cell_words: tuple = ()
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,6 +172,8 @@ class GPT(nn.Module):
         self.code_proj = nn.Sequential(nn.Linear(cfg.code_dim, 2 * cfg.n_embd), nn.GELU(),
                                        nn.Linear(2 * cfg.n_embd, cfg.n_embd))
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.register_buffer("cell_words", torch.tensor(cfg.cell_words, dtype=torch.long).view(-1, 2),
+                             persistent=False)                           # (tokens per image, 2)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init_weights)
@@ -203,9 +208,24 @@ class GPT(nn.Module):
         table = self.embedding_table() if table is None else table        # (V, C)
         pos = torch.arange(start, start + T, device=idx.device)         # (T,)
         x = F.embedding(idx, table) + self.wpe(pos)                     # (B, T, C)
+        if len(self.cell_words):
+            x = x + self.cell_embedding(idx, table, caches)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches is not None else None)
         return self.ln_f(x) @ table.t()                                 # (B, T, V), tied output head
+
+    def cell_embedding(self, idx, table, caches=None):
+        """(B, T, C): for an image token, the embeddings of its cell's words ("top" + "left"), so
+        that "what shape is at top left?" can find the image token by matching the very words
+        it asks with; zero for text. An image token's place in its image = how many image tokens
+        came before it, counted on from the KV cache while decoding."""
+        is_img = idx >= self.cfg.vocab_size - self.cfg.n_codes         # (B, T)
+        before = caches[0].get("n_img", 0) if caches else 0              # image tokens in the cache
+        place = (before + is_img.long().cumsum(1) - 1).clamp(min=0) % len(self.cell_words)
+        if caches:
+            caches[0]["n_img"] = before + is_img.long().sum(1, keepdim=True)   # (B, 1)
+        words = F.embedding(self.cell_words[place], table).sum(2)         # (B, T, C)
+        return words * is_img.unsqueeze(-1)
 
     @torch.no_grad()
     def generate(self, idx, n_new, allowed, temperature=1.0, top_k=None, stop=None,

@@ -98,6 +98,16 @@ class TestWorld(unittest.TestCase):
             target = [t for t in labels if t != -100]
             self.assertEqual(target, v.encode(e.answer) + [v.end])     # labels only on the answer
             self.assertEqual(ids[-len(target):], target)
+        # several questions about one image: each answer and its <end> labelled, nothing else
+        turns = [(["how", "many", "circles", "?"], ["two"]), (["is", "there", "a", "red", "circle", "?"], ["yes"])]
+        ids, labels = data.und_sequence(v, [3] * 9, ["describe"], ["top", "left", "red", "circle"], turns)
+        self.assertEqual(ids[:2] + ids[11:], [v.und, v.boi, v.eoi] + v.encode(["describe"]) + [v.ans]
+                         + v.encode(["top", "left", "red", "circle"]) + [v.end]
+                         + v.encode(turns[0][0]) + [v.ans, v.encode(["two"])[0], v.end]
+                         + v.encode(turns[1][0]) + [v.ans, v.encode(["yes"])[0], v.end])
+        self.assertEqual([t for t in labels if t != -100], v.encode(["top", "left", "red", "circle"]) + [v.end]
+                         + v.encode(["two"]) + [v.end] + v.encode(["yes"]) + [v.end])
+        self.assertTrue(all(labels[i] == ids[i] for i in range(len(ids)) if labels[i] != -100))
         ids, labels = data.gen_sequence(v, list(range(36)), ["a", "red", "circle"])
         self.assertEqual([t for t in labels if t != -100], [v.n_text + i for i in range(36)] + [v.eoi])
         self.assertTrue(all(v.n_text <= t < v.size for t in labels[-37:-1]))

@@ -77,7 +77,7 @@ class TestGenerationPairs(unittest.TestCase):
             c = data.corrupt_prompt(rng, e.question)
             self.assertEqual(len(c), len(e.question))
             self.assertEqual(sum(a != b for a, b in zip(c, e.question)), 1)
-            vocab_words = set(data.WORDS)
+            vocab_words = set(data.WORDS) | set(data.PLURAL.values())
             self.assertTrue(set(c) <= vocab_words)
             combos = {(a, singular.get(b, b)) for a, b in zip(c, c[1:]) if a in data.COLOURS}
             self.assertFalse(combos & data.HELD_OUT)

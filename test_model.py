@@ -23,7 +23,8 @@ def renders(split, n, seed=0):
 
 def tiny_model(vocab, seed=0):
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab.size, n_codes=vocab.n_codes, n_layer=2, n_head=2, n_embd=32),
+    return GPT(GPTConfig(vocab_size=vocab.size, n_codes=vocab.n_codes, n_layer=2, n_head=2, n_embd=32,
+                         cell_words=tuple(map(tuple, data.cell_word_ids(vocab, 3)))),
                torch.rand(vocab.n_codes, 192)).eval()
 
 
@@ -122,6 +123,22 @@ class TestTransformer(unittest.TestCase):
             torch.testing.assert_close(loss, und + g)
         with self.assertRaises(ValueError):
             train.sft_loss(self.model, self.ids, self.labels, task, "words")
+
+    def test_cell_embedding_names_each_image_tokens_cell(self):
+        v, m = self.vocab, self.model
+        table = m.embedding_table().detach()
+        for prompt in (["a", "circle"], "top left red circle , bottom right blue square".split()):
+            ids = torch.tensor([data.gen_sequence(v, list(range(9)), prompt)[0]])
+            emb = m.cell_embedding(ids, table)[0]                        # (T, C)
+            start = len(data.gen_prompt(v, prompt))
+            self.assertEqual(float(emb[:start].abs().sum()), 0.0)          # text: nothing added
+            self.assertEqual(float(emb[start + 9:].abs().sum()), 0.0)      # <eoi>
+            for k, (r, c) in enumerate([("top", "left"), ("top", "center"), ("top", "right"),
+                                        ("middle", "left"), ("middle", "center"), ("middle", "right"),
+                                        ("bottom", "left"), ("bottom", "center"), ("bottom", "right")]):
+                torch.testing.assert_close(emb[start + k], table[v.encode([r])[0]] + table[v.encode([c])[0]])
+        self.assertEqual(data.cell_word_ids(v, 6)[7], v.encode(["top", "left"]))   # 6x6: 2x2 tokens per cell
+        self.assertEqual(data.cell_word_ids(v, 6)[35], v.encode(["bottom", "right"]))
 
     def test_restricted_decoding(self):
         v = self.vocab

@@ -85,7 +85,7 @@ class TestPairs(unittest.TestCase):
         # one corrupted image per pair, shared by policy and reference: the batch uses the stored codes
         ids, _ = train.pair_batch(vocab, P, [0, 1], True, True)
         crop_row = ids[4].tolist()
-        self.assertEqual(crop_row[data.QUESTION_LEN + 1:data.QUESTION_LEN + 10],
+        self.assertEqual(crop_row[2:11],
                          data.image_tokens(vocab, P["crop_codes"][0]))
         self.assertNotEqual(P["crop_codes"][0], P["codes"][0])
         # the cached reference log-probs equal a fresh computation, with and without images

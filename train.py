@@ -34,7 +34,7 @@ from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=5000, batch_size=48, lr=1e-3),
+    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
@@ -83,6 +83,10 @@ parser.add_argument("--und_frac", type=float, default=0.75,
 parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
                     help="how SFT weighs understanding examples: by answer tokens, each task equally, "
                          "or captions and short questions equally (see sft_loss)")
+parser.add_argument("--turns", type=int, default=4,
+                    help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
+parser.add_argument("--und_first", type=int, default=1000,
+                    help="SFT steps at the start that train only understanding (captions and questions); generation joins after")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -153,7 +157,9 @@ def resolve(args):
     if args.dtype == "auto":
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
-    for k in ("steps", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
+    if args.und_first < 0:
+        parser.error(f"--und_first must be >= 0, got {args.und_first}")
+    for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
               "self_steps"):
@@ -243,12 +249,15 @@ def train_tokenizer(args):
 # -----------------------------------------------------------------------------
 # stage 2: joint SFT (understanding + generation)
 
-def sft_batch(rng, tok, vocab, args, split="train", extra=()):
+def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False):
     """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
-    task (B,) long = the index of the example's understanding task in data.UND_TASKS, -1 for
-    generation. extra: more (ids, labels, is_gen) sequences to train on in the same batch
+    task (B,) long = the index of the example's (first) understanding task in data.UND_TASKS, -1
+    for generation. A short question comes with --turns - 1 more about the same image.
+    und_only: the whole batch is understanding (the --und_first phase).
+    extra: more (ids, labels, is_gen) sequences to train on in the same batch
     (probes.py); their understanding sequences form one more task, len(data.UND_TASKS)."""
-    n_und = round(args.batch_size * args.und_frac)
+    short = data.UND_TASKS[1:]                                           # all but captions
+    n_und = args.batch_size if und_only else round(args.batch_size * args.und_frac)
     exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
            for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
@@ -258,7 +267,9 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=()):
         if e.is_gen:   # classifier-free guidance: sometimes drop the prompt
             seqs.append(data.gen_sequence(vocab, c, [] if rng.random() < args.cfg_drop else e.question))
         else:
-            seqs.append(data.und_sequence(vocab, c, e.question, e.answer))
+            more = [] if e.task == "caption" else [data.und_example(rng, e.scene, rng.choice(short))
+                                                   for _ in range(args.turns - 1)]
+            seqs.append(data.und_sequence(vocab, c, e.question, e.answer, [(m.question, m.answer) for m in more]))
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
     task = [-1 if e.is_gen else data.UND_TASKS.index(e.task) for e in exs]
     task += [-1 if g else len(data.UND_TASKS) for _, _, g in extra]
@@ -295,7 +306,7 @@ def sft_loss(model, ids, labels, task, und_loss="tokens"):
     """Generation's mean token cross-entropy plus understanding's (Show-o sums the two
     modalities' losses, so that neither one's token count decides its weight). task: (B,) as from
     sft_batch. Inside understanding (--und_loss): 'tokens' = one mean over all answer tokens, so a
-    caption (~17 targets) weighs ~8x a short answer (2); 'tasks' = the mean of each task's token
+    caption (~17 targets) weighs ~2x a sequence of four short questions (8); 'tasks' = the mean of each task's token
     mean; 'groups' = the mean of two means, captions and short questions (README, "What we
     measured"). Built on the same per-sequence log-prob sum that the preference losses use."""
     logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
@@ -335,6 +346,7 @@ def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
     mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
+                     cell_words=tuple(map(tuple, data.cell_word_ids(vocab, tok.grid))),
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(mcfg, tok.codebook).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -376,7 +388,7 @@ def train_sft(args):
         lr = args.lr * frac * (0.1 + 0.9 * cos)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, task = sft_batch(rng, tok, vocab, args)
+        ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
