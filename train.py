@@ -85,10 +85,8 @@ parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", 
                          "or captions and short questions equally (see sft_loss)")
 parser.add_argument("--turns", type=int, default=4,
                     help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
-parser.add_argument("--questions_first", type=int, default=1000,
-                    help="SFT steps at the start that train only colour, count and yes/no questions")
-parser.add_argument("--und_first", type=int, default=500,
-                    help="SFT steps after those that train all understanding (captions, shape questions too); generation joins after")
+parser.add_argument("--und_first", type=int, default=1000,
+                    help="SFT steps at the start that train only understanding (captions and questions); generation joins after")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -159,8 +157,8 @@ def resolve(args):
     if args.dtype == "auto":
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
-    if args.und_first < 0 or args.questions_first < 0:
-        parser.error(f"--questions_first and --und_first must be >= 0, got {args.questions_first}, {args.und_first}")
+    if args.und_first < 0:
+        parser.error(f"--und_first must be >= 0, got {args.und_first}")
     for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
@@ -251,34 +249,17 @@ def train_tokenizer(args):
 # -----------------------------------------------------------------------------
 # stage 2: joint SFT (understanding + generation)
 
-PHASE_TASKS = {"questions": ("colour", "count", "exists"),      # the questions captions do not teach
-               "und": data.UND_TASKS, "all": data.UND_TASKS}
-
-
-def sft_phase(step, args):
-    """The SFT curriculum: --questions_first steps of colour, count and yes/no questions only,
-    then --und_first steps of all understanding (captions and shape questions join), then all."""
-    if step < args.questions_first:
-        return "questions"
-    return "und" if step < args.questions_first + args.und_first else "all"
-
-
-def sft_batch(rng, tok, vocab, args, split="train", extra=(), phase="all"):
-    """Understanding (--und_frac; all of it outside phase 'all') and generation examples, freshly
-    sampled: (ids, labels, task), task (B,) long = the index of the example's (first)
-    understanding task in data.UND_TASKS, -1 for generation. A short question comes with
-    --turns - 1 more about the same image. phase: see sft_phase.
+def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False):
+    """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
+    task (B,) long = the index of the example's (first) understanding task in data.UND_TASKS, -1
+    for generation. A short question comes with --turns - 1 more about the same image.
+    und_only: the whole batch is understanding (the --und_first phase).
     extra: more (ids, labels, is_gen) sequences to train on in the same batch
     (probes.py); their understanding sequences form one more task, len(data.UND_TASKS)."""
-    tasks = PHASE_TASKS[phase]
-    short = [t for t in tasks if t != "caption"]
-
-    def ask(scene, task):                  # a colour question with no unique shape becomes another
-        e = data.und_example(rng, scene, task, args.caption_noise if split == "train" else 0.0)
-        return e if e.task in tasks else data.und_example(rng, scene, "count")
-
-    n_und = round(args.batch_size * args.und_frac) if phase == "all" else args.batch_size
-    exs = [ask(data.sample_scene(rng, split, cooc=args.cooc), rng.choice(tasks)) for _ in range(n_und)]
+    short = data.UND_TASKS[1:]                                           # all but captions
+    n_und = args.batch_size if und_only else round(args.batch_size * args.und_frac)
+    exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
+           for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
     codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
     seqs = []
@@ -286,7 +267,8 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), phase="all"):
         if e.is_gen:   # classifier-free guidance: sometimes drop the prompt
             seqs.append(data.gen_sequence(vocab, c, [] if rng.random() < args.cfg_drop else e.question))
         else:
-            more = [] if e.task == "caption" else [ask(e.scene, rng.choice(short)) for _ in range(args.turns - 1)]
+            more = [] if e.task == "caption" else [data.und_example(rng, e.scene, rng.choice(short))
+                                                   for _ in range(args.turns - 1)]
             seqs.append(data.und_sequence(vocab, c, e.question, e.answer, [(m.question, m.answer) for m in more]))
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
     task = [-1 if e.is_gen else data.UND_TASKS.index(e.task) for e in exs]
@@ -406,7 +388,7 @@ def train_sft(args):
         lr = args.lr * frac * (0.1 + 0.9 * cos)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, task = sft_batch(rng, tok, vocab, args, phase=sft_phase(step, args))
+        ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
