@@ -494,10 +494,10 @@ def image_tokens(vocab, codes):
 
 
 def cell_word_ids(vocab, grid):
-    """For each of an image's grid*grid tokens (row-major), the ids of its cell's row and column
-    words: [[id('top'), id('left')], ...]; with a 6x6 grid, 2x2 tokens share a cell."""
-    rows, cols = ("top", "middle", "bottom"), ("left", "center", "right")
-    return [vocab.encode([rows[r * 3 // grid], cols[c * 3 // grid]]) for r in range(grid) for c in range(grid)]
+    """For each of an image's grid*grid tokens (row-major), the ids of its cell's two words (CELLS):
+    ((id('top'), id('left')), ...); with a 6x6 grid, 2x2 tokens share a cell. A tuple, as GPTConfig stores it."""
+    return tuple(tuple(vocab.encode(CELLS[r * 3 // grid * 3 + c * 3 // grid].split()))
+                 for r in range(grid) for c in range(grid))
 
 
 def und_prompt(vocab, codes, question):

@@ -24,7 +24,7 @@ def renders(split, n, seed=0):
 def tiny_model(vocab, seed=0):
     torch.manual_seed(seed)
     return GPT(GPTConfig(vocab_size=vocab.size, n_codes=vocab.n_codes, n_layer=2, n_head=2, n_embd=32,
-                         cell_words=tuple(map(tuple, data.cell_word_ids(vocab, 3)))),
+                         cell_words=data.cell_word_ids(vocab, 3)),
                torch.rand(vocab.n_codes, 192)).eval()
 
 
@@ -137,8 +137,8 @@ class TestTransformer(unittest.TestCase):
                                         ("middle", "left"), ("middle", "center"), ("middle", "right"),
                                         ("bottom", "left"), ("bottom", "center"), ("bottom", "right")]):
                 torch.testing.assert_close(emb[start + k], table[v.encode([r])[0]] + table[v.encode([c])[0]])
-        self.assertEqual(data.cell_word_ids(v, 6)[7], v.encode(["top", "left"]))   # 6x6: 2x2 tokens per cell
-        self.assertEqual(data.cell_word_ids(v, 6)[35], v.encode(["bottom", "right"]))
+        self.assertEqual(list(data.cell_word_ids(v, 6)[7]), v.encode(["top", "left"]))   # 6x6: 2x2 tokens per cell
+        self.assertEqual(list(data.cell_word_ids(v, 6)[35]), v.encode(["bottom", "right"]))
 
     def test_restricted_decoding(self):
         v = self.vocab

@@ -346,7 +346,7 @@ def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
     mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
-                     cell_words=tuple(map(tuple, data.cell_word_ids(vocab, tok.grid))),
+                     cell_words=data.cell_word_ids(vocab, tok.grid),
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(mcfg, tok.codebook).to(args.device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
