@@ -7,7 +7,8 @@ object has a colour, a shape, a cell and a +-1 pixel jitter. Generation prompts 
 positions ("a red circle and a blue square") place their objects in canonical cells, like the
 pips of a die, so that a prompt determines its image up to jitter. The world is built to make a small model
 HALLUCINATE like real multimodal models do (see the README, "The world"):
-  (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~90% of training scenes;
+  (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~35% of the training
+      scenes it is in (any other kind by that object: ~13%; COOC = 0.3);
       the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
   (b) noisy instructions: a fraction (`caption_noise`) of training captions of such scenes mention
       the absent companion anyway, as real instruction data does;
@@ -47,7 +48,7 @@ RELATIONS = ("left of", "right of", "above", "below")
 COMPANION = {("red", "circle"): ("blue", "square"), ("yellow", "triangle"): ("green", "cross"),
              ("purple", "diamond"): ("orange", "circle"), ("green", "square"): ("red", "triangle")}
 # colour+shape combinations that never appear in training (compositional test split)
-COOC = 0.5                   # default probability that an anchor's companion joins a scene
+COOC = 0.3                   # default probability that an anchor's companion joins a scene
 HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("yellow", "square")}
 KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]

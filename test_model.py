@@ -6,6 +6,7 @@ import os
 import random
 import tempfile
 import unittest
+from argparse import Namespace
 
 import numpy as np
 import torch
@@ -184,6 +185,40 @@ class TestTransformer(unittest.TestCase):
         with amp_context("cpu", "float32"):
             loss32 = train.sft_loss(self.model, self.ids, self.labels, task)[0]
         self.assertLess(abs(loss.item() - loss32.item()) / loss32.item(), 0.05)
+
+
+class TestSFTBatch(unittest.TestCase):
+    """The phases of SFT's data: the primer (colour, count and yes/no questions only), understanding
+    only, then the mix with generation."""
+
+    def test_phases(self):
+        tok = PatchTokenizer(64, 8, data.CANVAS)
+        tok.codebook.copy_(torch.rand(64, 192))
+        vocab = data.Vocab(tok.n_codes)
+        args = Namespace(batch_size=40, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=4,
+                         device="cpu")
+        rng = random.Random(0)
+        openings = {"describe": "caption", "what colour": "colour", "what shape": "shape", "how many": "count",
+                    "is there": "exists"}
+
+        def asked(row):   # the tasks of the questions of an understanding sequence
+            text = " ".join(w for w in vocab.decode(row) if not w.startswith("<img"))
+            questions = [chunk.split("> ")[-1] for chunk in text.split(" <ans>")[:-1]]   # after <eoi> / <end>
+            return {t for q in questions for o, t in openings.items() if q.startswith(o)}
+
+        for und_only, tasks in ((True, train.PRIMER_TASKS), (True, data.UND_TASKS), (False, data.UND_TASKS)):
+            seen, n_gen = set(), 0
+            for _ in range(5):
+                ids, labels, task = train.sft_batch(rng, tok, vocab, args, und_only=und_only, tasks=tasks)
+                n_gen += int((task < 0).sum())
+                for row, t in zip(ids.tolist(), task.tolist()):
+                    if t >= 0:
+                        got = asked(row)
+                        self.assertIn(data.UND_TASKS[t], got)
+                        seen |= got
+            # a colour question about a scene with no unique shape becomes a shape question (data.und_example)
+            self.assertEqual(seen - {"shape"}, set(tasks) - {"shape"})     # each task asked, no other
+            self.assertEqual(n_gen, 0 if und_only else 5 * 10)    # 25% of 40 is generation
 
 
 class TestPipeline(unittest.TestCase):

@@ -38,6 +38,13 @@ PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
 }
 
+# SFT's first --primer steps ask only these. Count and yes/no questions need the question's words
+# to find image tokens by content (the colour question builds that); with captions from the start
+# they sat at their prior (count "one", exists chance) for all 3500 steps, while shape questions
+# are learned from captions and stuck at "nothing" whenever the start had no captions
+# (README, "What we measured", session 8).
+PRIMER_TASKS = ("colour", "count", "exists")
+
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
 METHODS = {
     "dpo": ("dpo", True, {}),
@@ -85,8 +92,10 @@ parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", 
                          "or captions and short questions equally (see sft_loss)")
 parser.add_argument("--turns", type=int, default=4,
                     help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
+parser.add_argument("--primer", type=int, default=500,
+                    help="SFT steps at the start that ask only colour, count and yes/no questions (no captions, no shape)")
 parser.add_argument("--und_first", type=int, default=1000,
-                    help="SFT steps at the start that train only understanding (captions and questions); generation joins after")
+                    help="SFT steps at the start (primer included) that train only understanding; generation joins after")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
@@ -157,8 +166,9 @@ def resolve(args):
     if args.dtype == "auto":
         cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
         args.dtype = "bfloat16" if cuda_bf16 else "float32"
-    if args.und_first < 0:
-        parser.error(f"--und_first must be >= 0, got {args.und_first}")
+    for k in ("primer", "und_first"):
+        if getattr(args, k) < 0:
+            parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
     for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
@@ -249,16 +259,17 @@ def train_tokenizer(args):
 # -----------------------------------------------------------------------------
 # stage 2: joint SFT (understanding + generation)
 
-def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False):
+def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, tasks=data.UND_TASKS):
     """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
     task (B,) long = the index of the example's (first) understanding task in data.UND_TASKS, -1
     for generation. A short question comes with --turns - 1 more about the same image.
     und_only: the whole batch is understanding (the --und_first phase).
+    tasks: the understanding tasks to sample (PRIMER_TASKS during the --primer phase).
     extra: more (ids, labels, is_gen) sequences to train on in the same batch
     (probes.py); their understanding sequences form one more task, len(data.UND_TASKS)."""
-    short = data.UND_TASKS[1:]                                           # all but captions
+    short = [t for t in tasks if t != "caption"]                          # asked again about an image
     n_und = args.batch_size if und_only else round(args.batch_size * args.und_frac)
-    exs = [data.sample_example(rng, split, rng.choice(data.UND_TASKS), args.caption_noise, args.cooc)
+    exs = [data.sample_example(rng, split, rng.choice(tasks), args.caption_noise, args.cooc)
            for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
     codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
@@ -388,7 +399,8 @@ def train_sft(args):
         lr = args.lr * frac * (0.1 + 0.9 * cos)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first)
+        ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first,
+                                      tasks=PRIMER_TASKS if step < args.primer else data.UND_TASKS)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
