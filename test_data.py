@@ -57,6 +57,21 @@ class TestWorld(unittest.TestCase):
             if len(s) < 9:
                 self.assertTrue(noisy - kinds <= set(data.COMPANION.values()) and noisy - kinds)
 
+    def test_prone_kinds_are_the_companions(self):
+        """Cog's hallucination-prone objects, from training statistics: an anchor's companion (and a
+        companion's anchor), nothing for any other object, nothing when there is no bias."""
+        pairs_of = {**data.COMPANION, **{c: a for a, c in data.COMPANION.items()}}
+        for cooc in (data.COOC, 0.9):
+            freq, pairs = data.training_statistics(n=3000, cooc=cooc)
+            for k in data.TRAIN_KINDS:
+                scene = (data.Obj(*k, 4, 0, 0),)
+                self.assertEqual(data.prone_kinds(scene, freq, pairs), {pairs_of[k]} if k in pairs_of else set(), k)
+            anchor, comp = next(iter(data.COMPANION.items()))
+            self.assertEqual(data.prone_kinds((data.Obj(*anchor, 0, 0, 0), data.Obj(*comp, 8, 0, 0)), freq, pairs),
+                             set())                                              # present: not a hallucination
+        freq, pairs = data.training_statistics(n=3000, cooc=0.0)
+        self.assertFalse(any(data.prone_kinds((data.Obj(*k, 4, 0, 0),), freq, pairs) for k in data.TRAIN_KINDS))
+
     def test_parser_is_exact_on_renders(self):
         rng = random.Random(2)
         for split in ("train", "test", "bias", "combo"):
