@@ -8,7 +8,7 @@ positions ("a red circle and a blue square") place their objects in canonical ce
 pips of a die, so that a prompt determines its image up to jitter. The world is built to make a small model
 HALLUCINATE like real multimodal models do (see the README, "The world"):
   (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~35% of the training
-      scenes it is in (any other kind by that object: ~13%; COOC = 0.3);
+      scenes it is in, by any other kind in ~13% (COOC = 0.3);
       the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
   (b) noisy instructions: a fraction (`caption_noise`) of training captions of such scenes mention
       the absent companion anyway, as real instruction data does;

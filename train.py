@@ -40,9 +40,9 @@ PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
 
 # SFT's first --primer steps ask only these. Count and yes/no questions need the question's words
 # to find image tokens by content (the colour question builds that); with captions from the start
-# they sat at their prior (count "one", exists chance) for all 3500 steps, while shape questions
-# are learned from captions and stuck at "nothing" whenever the start had no captions
-# (README, "What we measured", session 8).
+# they sat at their prior (count "one", exists chance) for all 3500 steps in session 7's runs.
+# Shape questions are left out: they stuck at "nothing" whenever the start had no captions, and
+# with the primer they are the slowest to learn (README, "What we measured", sessions 7 and 8).
 PRIMER_TASKS = ("colour", "count", "exists")
 
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
