@@ -103,7 +103,7 @@ class GPTConfig:
     vocab_size: int = 566        # text tokens, then n_codes image codes
     n_codes: int = 512
     code_dim: int = 192          # pixels of a codebook vector: patch * patch * 3
-    block_size: int = 128        # longest sequence: 3 + 9 image tokens (36 with --patch 4) + 10 per question turn
+    block_size: int = 96         # longest sequence: 38 image tokens + question + answer
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128

@@ -7,7 +7,6 @@ import random
 import tempfile
 import unittest
 from argparse import Namespace
-from collections import Counter
 
 import numpy as np
 import torch
@@ -196,7 +195,7 @@ class TestSFTBatch(unittest.TestCase):
         tok = PatchTokenizer(64, 8, data.CANVAS)
         tok.codebook.copy_(torch.rand(64, 192))
         vocab = data.Vocab(tok.n_codes)
-        args = Namespace(batch_size=40, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=6,
+        args = Namespace(batch_size=40, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=4,
                          device="cpu")
         rng = random.Random(0)
         openings = {"describe": "caption", "what colour": "colour", "what shape": "shape", "how many": "count",
@@ -207,7 +206,7 @@ class TestSFTBatch(unittest.TestCase):
             questions = [chunk.split("> ")[-1] for chunk in text.split(" <ans>")[:-1]]   # after <eoi> / <end>
             return {t for q in questions for o, t in openings.items() if q.startswith(o)}
 
-        for und_only, tasks in ((True, train.PRIMER_TASKS), (True, train.MIX_TASKS), (False, train.MIX_TASKS)):
+        for und_only, tasks in ((True, train.PRIMER_TASKS), (True, data.UND_TASKS), (False, data.UND_TASKS)):
             seen, n_gen = set(), 0
             for _ in range(5):
                 ids, labels, task = train.sft_batch(rng, tok, vocab, args, und_only=und_only, tasks=tasks)
@@ -220,31 +219,6 @@ class TestSFTBatch(unittest.TestCase):
             # a colour question about a scene with no unique shape becomes a shape question (data.und_example)
             self.assertEqual(seen - {"shape"}, set(tasks) - {"shape"})     # each task asked, no other
             self.assertEqual(n_gen, 0 if und_only else 5 * 10)    # 25% of 40 is generation
-
-    def test_mix_weights(self):
-        """After the primer the short questions follow MIX_SHORT (shape 3/6.5 of them, yes/no
-        2/6.5, ...), and a fifth of the understanding sequences are captions."""
-        tok = PatchTokenizer(64, 8, data.CANVAS)
-        tok.codebook.copy_(torch.rand(64, 192))
-        vocab = data.Vocab(tok.n_codes)
-        args = Namespace(batch_size=64, und_frac=1.0, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=6,
-                         device="cpu")
-        rng, counts, n_caption = random.Random(1), Counter(), 0
-        for _ in range(10):
-            ids, _, task = train.sft_batch(rng, tok, vocab, args)
-            n_caption += int((task == data.UND_TASKS.index("caption")).sum())
-            for row in ids.tolist():
-                words = vocab.decode(row)
-                counts.update(words[i + 1] for i, w in enumerate(words) if w == "what")   # colour / shape
-                counts["count"] += words.count("how")
-                counts["exists"] += words.count("there")
-        total, weights = sum(counts.values()), sum(train.MIX_SHORT.values())
-        # a colour question about a scene without a unique shape becomes a shape question (~10%)
-        expected = dict(train.MIX_SHORT, colour=0.9 * train.MIX_SHORT["colour"],
-                        shape=train.MIX_SHORT["shape"] + 0.1 * train.MIX_SHORT["colour"])
-        for t, w in expected.items():
-            self.assertAlmostEqual(counts[t] / total, w / weights, delta=0.03, msg=f"{t}: {dict(counts)}")
-        self.assertAlmostEqual(n_caption / 640, 0.2, delta=0.05)
 
 
 class TestPipeline(unittest.TestCase):
@@ -275,8 +249,7 @@ class TestPipeline(unittest.TestCase):
 
     def test_bad_input_is_refused(self):
         with tempfile.TemporaryDirectory() as d:
-            for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"],
-                         ["--turns", "13"]):                    # longer than the model's block_size
+            for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"]):
                 with self.assertRaises(SystemExit):
                     train.main(argv + ["--out_dir", d])
             with self.assertRaises(SystemExit):

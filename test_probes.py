@@ -104,7 +104,7 @@ class TestProbes(unittest.TestCase):
         tok = PatchTokenizer(64, 8, data.CANVAS)
         tok.codebook.copy_(torch.rand(64, 192))
         vocab = data.Vocab(tok.n_codes)
-        args = Namespace(batch_size=24, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=6, device="cpu")
+        args = Namespace(batch_size=24, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=4, device="cpu")
         rng = random.Random(3)
         facts = lambda r, n: probes.encode_facts(tok, vocab, [probes.fact_example(r, self.fav) for _ in range(n)])
         seen_und = 0

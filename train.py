@@ -45,18 +45,7 @@ PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
 # with the primer they are the slowest to learn (README, "What we measured", sessions 7 and 8).
 # (A colour question about a scene where no shape is unique becomes a shape question, data.und_example:
 # ~10% of colour questions, so ~3% of the primer's questions are about shape.)
-PRIMER_TASKS = {"colour": 1, "count": 1, "exists": 1}
-
-
-# ... and after the primer, these, task -> sampling weight. A short question is about shape 3
-# times and about existence twice as often as about count, about colour half as often (colour
-# questions are learned first, in the primer); captions stay a fifth of the sequences, as with
-# equal weights. "what shape is at top left ?" must find the image tokens of the named cell by
-# their cell words (the cell-word embedding): that lookup took ~400 steps of nothing but shape
-# questions to start, and at equal weights it started too late in two runs of three; giving it
-# 3x alone left yes/no questions short (README, "What we measured", session 9).
-MIX_SHORT = {"colour": 0.5, "count": 1.0, "exists": 2.0, "shape": 3.0}
-MIX_TASKS = {"caption": sum(MIX_SHORT.values()) / 4, **MIX_SHORT}
+PRIMER_TASKS = ("colour", "count", "exists")
 
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
 METHODS = {
@@ -103,7 +92,7 @@ parser.add_argument("--und_frac", type=float, default=0.75,
 parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
                     help="how SFT weighs understanding examples: by answer tokens, each task equally, "
                          "or captions and short questions equally (see sft_loss)")
-parser.add_argument("--turns", type=int, default=6,
+parser.add_argument("--turns", type=int, default=4,
                     help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
 parser.add_argument("--primer", type=int, default=500,
                     help="SFT steps at the start that ask only colour, count and yes/no questions (no captions)")
@@ -188,11 +177,6 @@ def resolve(args):
               "self_steps"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
-    # <und> <boi> image <eoi>, then per turn at most 'what shape is at top left ? <ans> circle <end>'
-    longest = 3 + (data.CANVAS // args.patch) ** 2 + 10 * args.turns
-    if longest > GPTConfig.block_size:
-        parser.error(f"--turns {args.turns} makes sequences of up to {longest} tokens, more than the "
-                     f"model's block_size {GPTConfig.block_size}")
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.gen_temperature < 0 or (args.gen_beta is not None and args.gen_beta <= 0):
@@ -277,22 +261,17 @@ def train_tokenizer(args):
 # -----------------------------------------------------------------------------
 # stage 2: joint SFT (understanding + generation)
 
-def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, tasks=MIX_TASKS):
+def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, tasks=data.UND_TASKS):
     """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
     task (B,) long = the index of the example's (first) understanding task in data.UND_TASKS, -1
     for generation. A short question comes with --turns - 1 more about the same image.
     und_only: the whole batch is understanding (the --und_first phase).
-    tasks: {task: weight} of the understanding tasks to sample (PRIMER_TASKS during the
-    --primer phase, MIX_TASKS after).
+    tasks: the understanding tasks to sample (PRIMER_TASKS during the --primer phase).
     extra: more (ids, labels, is_gen) sequences to train on in the same batch
     (probes.py); their understanding sequences form one more task, len(data.UND_TASKS)."""
-    short = {t: w for t, w in tasks.items() if t != "caption"}           # asked again about an image
-
-    def draw(weights):
-        return rng.choices(list(weights), list(weights.values()))[0]
-
+    short = [t for t in tasks if t != "caption"]                          # asked again about an image
     n_und = args.batch_size if und_only else round(args.batch_size * args.und_frac)
-    exs = [data.sample_example(rng, split, draw(tasks), args.caption_noise, args.cooc)
+    exs = [data.sample_example(rng, split, rng.choice(tasks), args.caption_noise, args.cooc)
            for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
     codes = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
@@ -301,7 +280,7 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
         if e.is_gen:   # classifier-free guidance: sometimes drop the prompt
             seqs.append(data.gen_sequence(vocab, c, [] if rng.random() < args.cfg_drop else e.question))
         else:
-            more = [] if e.task == "caption" else [data.und_example(rng, e.scene, draw(short))
+            more = [] if e.task == "caption" else [data.und_example(rng, e.scene, rng.choice(short))
                                                    for _ in range(args.turns - 1)]
             seqs.append(data.und_sequence(vocab, c, e.question, e.answer, [(m.question, m.answer) for m in more]))
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
@@ -423,7 +402,7 @@ def train_sft(args):
         for g in opt.param_groups:
             g["lr"] = lr
         ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first,
-                                      tasks=PRIMER_TASKS if step < args.primer else MIX_TASKS)
+                                      tasks=PRIMER_TASKS if step < args.primer else data.UND_TASKS)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
