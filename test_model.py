@@ -2,6 +2,7 @@
 Tests of the image tokenizer, the transformer, decoding and the training pipeline (CPU, tiny
 sizes). Run: python -m unittest test_model   (or: pytest test_model.py)
 """
+import math
 import os
 import random
 import tempfile
@@ -219,6 +220,20 @@ class TestSFTBatch(unittest.TestCase):
             # a colour question about a scene with no unique shape becomes a shape question (data.und_example)
             self.assertEqual(seen - {"shape"}, set(tasks) - {"shape"})     # each task asked, no other
             self.assertEqual(n_gen, 0 if und_only else 5 * 10)    # 25% of 40 is generation
+
+
+class TestSFTSchedule(unittest.TestCase):
+
+    def test_warmup_stable_decay(self):
+        args = Namespace(lr=1e-3, warmup=100, steps=1000, decay=0.2)
+        self.assertAlmostEqual(train.sft_lr(0, args), 1e-5)                   # warm-up starts at lr / 100
+        for step in (99, 500, 800):                                          # the peak until 80% of the run
+            self.assertAlmostEqual(train.sft_lr(step, args), 1e-3)
+        self.assertAlmostEqual(train.sft_lr(900, args), 0.55e-3)              # half-way down the cosine
+        self.assertAlmostEqual(train.sft_lr(1000, args), 1e-4)                # 10% of the peak at the end
+        args.decay = 1.0                                                     # the cosine over the whole run
+        for step in (100, 400, 1000):
+            self.assertAlmostEqual(train.sft_lr(step, args), 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000))))
 
 
 class TestPipeline(unittest.TestCase):
