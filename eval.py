@@ -12,6 +12,7 @@ The hallucination benchmark of the preference stage (`hallucination`, `compare_t
 run by `python train.py --stage pref`.
 """
 import argparse
+import glob
 import json
 import os
 import random
@@ -20,10 +21,14 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.nn.functional as F
 
 import data
-from model import amp_context, sequence_logps
+import report
+import world
+from checkpoint import file_digest, load_model, pick_device
+from losses import sequence_logps
+from model import amp_context
 
 
 def _batches(items, key, size):
@@ -41,7 +46,7 @@ def scene_codes(tok, scenes):
     codes = [[] for _ in scenes]
     seen = [i for i, s in enumerate(scenes) if s is not None]
     if seen:
-        for i, c in zip(seen, tok.encode(np.stack([data.render(scenes[i]) for i in seen])).tolist()):
+        for i, c in zip(seen, tok.encode(np.stack([world.render(scenes[i]) for i in seen])).tolist()):
             codes[i] = c
     return codes
 
@@ -101,7 +106,7 @@ def caption_scores(exs, preds):
     for e, p in zip(exs, preds):
         gold = {(o.colour, o.shape, o.cell) for o in e.scene}
         kinds = {o.kind for o in e.scene}
-        said = data.parse_caption(p)
+        said = world.parse_caption(p)
         exact += p == e.answer
         tp, n_pred, n_gold = tp + len(gold & set(said)), n_pred + len(said), n_gold + len(gold)
         bad = sum((c, s) not in kinds for c, s, _ in said)
@@ -118,7 +123,7 @@ def eval_understanding(model, tok, vocab, split, n, device, dtype, seed, tasks=d
     rng = random.Random(seed)
     res, samples = {}, []
     for task in tasks:
-        exs = [data.und_example(rng, data.sample_scene(rng, split), task) for _ in range(n)]
+        exs = [data.und_example(rng, world.sample_scene(rng, split), task) for _ in range(n)]
         preds = answer(model, tok, vocab, exs, device, dtype)
         if task == "caption":
             res.update({f"caption_{k}": v for k, v in caption_scores(exs, preds).items()})
@@ -136,58 +141,18 @@ def eval_generation(model, tok, vocab, split, n, device, dtype, seed, temperatur
     for task in data.GEN_TASKS:
         exs = [data.gen_example(rng, split, task) for _ in range(n)]
         imgs = draw(model, tok, vocab, [e.question for e in exs], device, dtype, temperature, cfg_scale, g)
-        res[task] = float(np.mean([data.geneval_correct(e, data.parse(im)) for e, im in zip(exs, imgs)]))
+        res[task] = float(np.mean([world.geneval_correct(e, world.parse(im)) for e, im in zip(exs, imgs)]))
         samples += list(zip(exs[:2], imgs[:2]))
     res["overall"] = float(np.mean([res[t] for t in data.GENEVAL_TASKS]))   # GenEval: unweighted
     return res, samples
 
 
-def picture(path, captions, drawings, scale=5):
-    """A PNG: held-out images beside their generated captions, then prompts beside generated images."""
-    side, w_text, pad = data.CANVAS * scale, 420, 6
-    rows = len(captions) + len(drawings)
-    canvas = Image.new("RGB", (side + w_text + 2 * pad, rows * (side + pad) + pad), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-
-    def text(x, y, s, width=48):
-        lines = [s[i:i + width] for i in range(0, len(s), width)]
-        d.multiline_text((x, y), "\n".join(lines), fill=(0, 0, 0))
-
-    for r, (ex, pred) in enumerate(captions):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(data.render(ex.scene)).resize((side, side), Image.NEAREST), (pad, y))
-        text(side + 2 * pad, y + 4, "model: " + " ".join(pred))
-        text(side + 2 * pad, y + 4 + 14 * 4, "truth: " + " ".join(ex.answer))
-    for r, (ex, img) in enumerate(drawings, start=len(captions)):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (pad, y))
-        ok = data.geneval_correct(ex, data.parse(img))
-        text(side + 2 * pad, y + 4, f"[{ex.task}] prompt: " + " ".join(ex.question))
-        text(side + 2 * pad, y + 4 + 14 * 4, "judge: " + ("correct" if ok else "WRONG"))
-    canvas.save(path)
-
-
-def markdown(res):
-    und_cols = ["colour", "shape", "count", "exists", "answer_acc", "caption_exact", "caption_obj_precision",
-                "caption_obj_recall", "caption_CHAIR_i", "caption_CHAIR_s", "caption_Cover"]
-    lines = ["| scenes | " + " | ".join(c.replace("caption_", "cap ") for c in und_cols) + " |",
-             "|---" * (len(und_cols) + 1) + "|"]
-    for split, r in res["understanding"].items():
-        lines.append(f"| {split} | " + " | ".join(f"{r[c]:.3f}" for c in und_cols) + " |")
-    gen_cols = list(data.GENEVAL_TASKS) + ["overall", "full"]
-    lines += ["", "| generation | " + " | ".join(gen_cols) + " |", "|---" * (len(gen_cols) + 1) + "|"]
-    for name, r in res["generation"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in gen_cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run(ckpt, args):
     """Evaluate `ckpt`; write eval_<name>.json / .md / .png beside it (or in args.out_dir)."""
-    from train import load_model   # train.py owns checkpoint loading
     model, tok, vocab, ck = load_model(ckpt, args.device)
     name = os.path.splitext(os.path.basename(ckpt))[0]
     t0, n = time.perf_counter(), args.eval_n
-    res = {"checkpoint": ckpt, "step": ck.get("step"), "n_per_task": n, "cfg_scale": args.cfg_scale,
+    res = {"checkpoint": ckpt, "digest": file_digest(ckpt), "step": ck.get("step"), "n_per_task": n, "cfg_scale": args.cfg_scale,
            "understanding": {}, "generation": {}}
     for split in ("test", "bias", "combo"):
         res["understanding"][split], samples = eval_understanding(
@@ -206,37 +171,11 @@ def run(ckpt, args):
     with open(out + ".json", "w") as f:
         json.dump(res, f, indent=1)
     with open(out + ".md", "w") as f:
-        f.write(markdown(res))
-    picture(out + ".png", test_captions + captions, drawings)
-    print(markdown(res))
+        f.write(report.sft_markdown(res))
+    report.picture(out + ".png", test_captions + captions, drawings)
+    print(report.sft_markdown(res))
     print(f"eval | {ckpt} in {res['seconds']:.0f} s -> {out}.json / .md / .png")
     return res
-
-
-def compare_picture(path, sft_samples, pref_samples, name="mDPO", scale=5):
-    """A PNG: bias-breaking scenes with the SFT and the preference-trained captions; each
-    hallucinated clause (an object not in the scene at that cell) is drawn in red inside [ ]."""
-    side, w_text, pad, line = data.CANVAS * scale, 520, 6, 16
-    canvas = Image.new("RGB", (side + w_text + 2 * pad, len(sft_samples) * (side + pad) + pad), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    for r, ((scene, a), (_, b)) in enumerate(zip(sft_samples, pref_samples)):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(data.render(scene)).resize((side, side), Image.NEAREST), (pad, y))
-        truth = {(o.colour, o.shape, o.cell) for o in scene}
-        for k, (who, words) in enumerate((("SFT", a), (name, b))):
-            x, yy = side + 2 * pad, y + 4 + 3 * line * k
-            d.text((x, yy), who + ":", fill=(0, 0, 0))
-            x += 40
-            for cl in data.clauses(words):
-                m = data.parse_caption(cl)
-                bad = bool(m) and m[0] not in truth
-                s = ("[" + " ".join(cl) + "]" if bad else " ".join(cl)) + " ,"
-                wdt = d.textlength(s + " ")
-                if x + wdt > side + w_text:
-                    x, yy = side + 2 * pad + 40, yy + line
-                d.text((x, yy), s, fill=(220, 0, 0) if bad else (0, 0, 0))
-                x += wdt
-    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -251,9 +190,9 @@ def pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs):
         rng = random.Random(seed)
         exs = []
         for i in range(n):
-            s = data.sample_scene(rng, split)
+            s = world.sample_scene(rng, split)
             present = sorted({o.kind for o in s})
-            absent = [k for k in data.TRAIN_KINDS if k not in present]
+            absent = [k for k in world.TRAIN_KINDS if k not in present]
             if mode == "popular":
                 absent = sorted(absent, key=lambda k: -freq[k])[:3]
             elif mode == "adversarial":
@@ -285,10 +224,10 @@ def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
     """Mean per-token log-likelihood of the true caption with the real image minus with a corrupted
     one (mDPO's crop). Near 0 = the model answers from the text alone."""
     rng = random.Random(seed)
-    scenes = [data.sample_scene(rng, split) for _ in range(n)]
-    imgs = np.stack([data.render(s) for s in scenes])
+    scenes = [world.sample_scene(rng, split) for _ in range(n)]
+    imgs = np.stack([world.render(s) for s in scenes])
     crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])
-    lp = [mean_token_logps(model, vocab, [data.und_sequence(vocab, c, ["describe"], data.caption_words(s))
+    lp = [mean_token_logps(model, vocab, [data.und_sequence(vocab, c, ["describe"], world.caption_words(s))
                                           for c, s in zip(tok.encode(x).tolist(), scenes)], device, dtype)
           for x in (imgs, crops)]
     return (lp[0] - lp[1]).mean().item()
@@ -297,7 +236,7 @@ def image_reliance(model, tok, vocab, split, n, device, dtype, seed):
 def captions(model, tok, vocab, split, n, device, dtype, seed):
     """Greedy captions of n held-out scenes of `split`: (examples, predicted words)."""
     rng = random.Random(seed)
-    exs = [data.und_example(rng, data.sample_scene(rng, split), "caption") for _ in range(n)]
+    exs = [data.und_example(rng, world.sample_scene(rng, split), "caption") for _ in range(n)]
     return exs, answer(model, tok, vocab, exs, device, dtype)
 
 
@@ -309,9 +248,9 @@ def hallucination(model, tok, vocab, n, device, dtype, seed, stats):
     for split in ("test", "bias"):
         exs, preds = captions(model, tok, vocab, split, n, device, dtype, seed)
         r = caption_scores(exs, preds)
-        r["Hal"] = float(np.mean([data.hallucinated_mentions(e.scene, p) > 0 for e, p in zip(exs, preds)]))
-        prone = [data.prone_kinds(e.scene, freq, pairs) for e in exs]
-        mentions = [[(c, s) for c, s, _ in data.parse_caption(p)] for p in preds]
+        r["Hal"] = float(np.mean([world.hallucinated_mentions(e.scene, p) > 0 for e, p in zip(exs, preds)]))
+        prone = [world.prone_kinds(e.scene, freq, pairs) for e in exs]
+        mentions = [[(c, s) for c, s, _ in world.parse_caption(p)] for p in preds]
         r["Cog"] = sum(k in pr for m, pr in zip(mentions, prone) for k in m) / max(sum(map(len, mentions)), 1)
         r["POPE"] = pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs)
         r["answer_acc"] = eval_understanding(model, tok, vocab, split, n, device, dtype, seed,
@@ -334,36 +273,20 @@ def compare_value(r, split, col):
     return r[split][col]
 
 
-def seed_table(rows, cols, value=lambda r, c: r.get(c), heads=None, first="row"):
-    """rows: {name: [one result per seed]} -> a Markdown table, each cell the mean +- sample std of
-    value(result, col) over the seeds that measured it (None = not measured, shown as '-')."""
-    lines = [f"| {first} | " + " | ".join(heads or cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, rs in rows.items():
-        cells = []
-        for c in cols:
-            v = np.array([x for x in (value(r, c) for r in rs) if x is not None])
-            cells.append("-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
-                         else f"{v.mean():.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def compare_table(rows):
     """rows: {name: [hallucination() result per seed]} -> the comparison's Markdown table."""
-    return seed_table(rows, COMPARE_COLS, lambda r, c: compare_value(r, *c),
+    return report.seed_table(rows, COMPARE_COLS, lambda r, c: compare_value(r, *c),
                       [f"{s} {c}" for s, c in COMPARE_COLS], first="method")
 
 
 
 def rebuild_comparison(out_dir, args):
     """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
-    import glob
-    from train import load_model
     rows, stats = {}, None
     paths = [os.path.join(out_dir, "sft.pt")] + sorted(glob.glob(os.path.join(out_dir, "pref_*_s*.pt")))
     for path in paths:
         model, tok, vocab, ck = load_model(path, args.device)
-        stats = stats or data.training_statistics(cooc=ck["config"].get("cooc"))   # the run's own bias
+        stats = stats or world.training_statistics(cooc=ck["config"].get("cooc"))   # the run's own bias
         r = hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
         rows.setdefault(ck.get("method", "sft"), []).append(r)
     table = compare_table(rows)
@@ -371,6 +294,42 @@ def rebuild_comparison(out_dir, args):
         f.write(table)
     print(table)
     return rows
+
+
+# -----------------------------------------------------------------------------
+# the joint study's measurements: KL from the reference, and what the KV cache saves
+
+@torch.no_grad()
+def kl_per_token(policy, ref, vocab, seqs, device, dtype):
+    """Mean over labelled positions of KL(policy || reference) of the next-token distributions."""
+    ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs, vocab.pad))
+    with amp_context(device, dtype):
+        lp, lq = (F.log_softmax(m(ids)[:, :-1].float(), -1) for m in (policy, ref))
+    kl = (lp.exp() * (lp - lq)).sum(-1)                                 # (B, T-1)
+    return kl[labels[:, 1:] != -100].mean().item()
+
+
+def kl_sequences(tok, vocab, n, seed):
+    """Held-out sequences for the KL: true captions of test scenes, and test prompts with their true images."""
+    rng = random.Random(seed)
+    scenes = [world.sample_scene(rng, "test") for _ in range(n)]
+    exs = [data.gen_example(rng, "test", rng.choice(data.GEN_TASKS)) for _ in range(n)]
+    codes = tok.encode(np.stack([world.render(s) for s in scenes] + [world.render(e.scene) for e in exs])).tolist()
+    und = [data.und_sequence(vocab, c, ["describe"], world.caption_words(s)) for c, s in zip(codes, scenes)]
+    gen = [data.gen_sequence(vocab, c, e.question) for c, e in zip(codes[n:], exs)]
+    return {"und": und, "gen": gen}
+
+
+def kv_cache_speedup(model, tok, vocab, args, n=256):
+    """Seconds to draw n images with CFG at the study's temperature, with and without the KV cache."""
+    prompts = [data.gen_example(random.Random(i), "test", "full").question for i in range(n)]
+    t = {}
+    for use_cache in (True, False):
+        t0 = time.perf_counter()
+        draw(model, tok, vocab, prompts, args.device, args.dtype, args.gen_temperature, args.cfg_scale,
+                        torch.Generator(device=args.device).manual_seed(0), use_cache=use_cache)
+        t[use_cache] = time.perf_counter() - t0
+    return {"cached_s": t[True], "uncached_s": t[False], "speedup": t[False] / t[True], "images": n}
 
 
 if __name__ == "__main__":
@@ -386,7 +345,6 @@ if __name__ == "__main__":
                    help="rebuild the preference comparison from every checkpoint in the checkpoint's directory")
     a = p.parse_args()
     if a.device == "auto":
-        from train import pick_device
         a.device = pick_device()
     if a.eval_n <= 0:
         p.error(f"--eval_n must be positive, got {a.eval_n}")

@@ -7,12 +7,12 @@ generation: do the two tasks help each other or fight? (stage `joint` of train.p
 
 Generation pairs: for a training prompt, K images are sampled from the SFT model (classifier-free
 guidance, temperature --gen_temperature) and scored by the scene parser: the fraction of the
-prompt's checks an image passes (data.prompt_checks: objects, colours, count, relation). Chosen =
+prompt's checks an image passes (world.prompt_checks: objects, colours, count, relation). Chosen =
 the best sample, rejected = the worst, when their scores differ; the gap is the pair's hardness.
 The off-policy variant, the diagnostic study's "real vs generated" pairs, takes the tokenized
 ground-truth render as chosen instead.
 
-Generation losses go through the same code as understanding (train.pref_step_loss): sequence
+Generation losses go through the same code as understanding (pref.pref_step_loss): sequence
 log-probs summed over the image codes (and <eoi>) given the prompt. DPO as is; mDPO with its
 conditional term moved from the image to the prompt (the same chosen image under a prompt with
 one attribute changed, data.corrupt_prompt; OUR variant, not the paper's) and its anchor; DAMA
@@ -26,7 +26,6 @@ cost nothing extra; single-task runs measure the other task's gradient every --d
 """
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -34,12 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import eval as evaluation
-import train
-from model import amp_context
+import pref
+import report
+import world
+from checkpoint import file_digest, load_model, log, seed_everything
 
 # row of the trade-off table -> (strategy, generation method, generation pairs)
 ROWS = {
@@ -77,7 +77,7 @@ class GenPair:
 def rank_samples(ex, imgs):
     """Parser scores of K images drawn for one prompt -> (index of the best, of the worst, scores).
     Ties go to the earliest sample."""
-    scores = [data.prompt_score(ex, data.parse(im)) for im in imgs]
+    scores = [world.prompt_score(ex, world.parse(im)) for im in imgs]
     return int(np.argmax(scores)), int(np.argmin(scores)), scores
 
 
@@ -88,7 +88,7 @@ def corrupted_for(rng, ex, parsed, score, tries=20):
     'a red circle and a green square' fully, and would teach the conditional term the wrong way."""
     for _ in range(tries):
         words = data.corrupt_prompt(rng, ex.question)
-        if data.prompt_score(data.Example(ex.task, ex.scene, words, []), parsed) < score:
+        if world.prompt_score(data.Example(ex.task, ex.scene, words, []), parsed) < score:
             return words
     return None
 
@@ -105,13 +105,13 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
         exs = [data.gen_example(rng, "train", rng.choice(tasks)) for _ in range(want)]
         imgs, codes = evaluation.draw(model, tok, vocab, [e.question for e in exs for _ in range(K)], args.device,
                                       args.dtype, args.gen_temperature, args.cfg_scale, g, return_codes=True)
-        truth = tok.encode(np.stack([data.render(e.scene) for e in exs])).tolist()
+        truth = tok.encode(np.stack([world.render(e.scene) for e in exs])).tolist()
         wrong, asked = {}, {}
         for i, e in enumerate(exs):
             best, worst, s = rank_samples(e, imgs[K * i:K * i + K])
             c = codes[K * i:K * i + K]
             if s[best] > s[worst] and len(out["on"]) < want:
-                corrupted = corrupted_for(rng, e, data.parse(imgs[K * i + best]), s[best])
+                corrupted = corrupted_for(rng, e, world.parse(imgs[K * i + best]), s[best])
                 if corrupted:
                     out["on"].append(GenPair(e, c[best], c[worst], corrupted, (s[best], s[worst]), "on-policy"))
             if s[worst] < 1 and len(out["real"]) < want:
@@ -131,26 +131,26 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
 
 
 def gen_pair_data(ref, vocab, pairs, args):
-    """GenPairs -> the pair data the preference losses take, shaped like train.build_pairs' (task 'gen'):
+    """GenPairs -> the pair data the preference losses take, shaped like pref.build_pairs' (task 'gen'):
     the frozen reference's log-probs cached once (chosen, rejected, chosen under the corrupted
     prompt) and the parser scores, whose mean gap is DAMA's dbar."""
     P = {"task": "gen", "pairs": pairs, "scores": torch.tensor([p.scores for p in pairs], dtype=torch.float32)}
-    P["ref_1"] = train.reference_logps(ref, vocab, P, range(len(pairs)), True, args)
+    P["ref_1"] = pref.reference_logps(ref, vocab, P, range(len(pairs)), True, args)
     P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
     return P
 
 
 def gen_preference_data(args, sft_path):
     """Generation pair data of --seed: {'on': P, 'real': P}."""
-    ref, tok, vocab, _ = train.load_model(sft_path, args.device)
+    ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
     out = {}
     for kind, pairs in build_gen_pairs(ref, tok, vocab, args, random.Random(args.seed)).items():
         out[kind] = P = gen_pair_data(ref, vocab, pairs, args)
         tasks = {t: sum(p.example.task == t for p in pairs) for t in data.GEN_TASKS}
-        train.log(args, f"gen pairs s{args.seed} | {kind} | {len(pairs)} pairs | score gap mean "
+        log(args, f"gen pairs s{args.seed} | {kind} | {len(pairs)} pairs | score gap mean "
                         f"{P['score_gap_mean']:.3f} | by task {tasks}")
-    train.log(args, f"gen pairs s{args.seed} | built in {time.perf_counter() - t0:.0f} s")
+    log(args, f"gen pairs s{args.seed} | built in {time.perf_counter() - t0:.0f} s")
     return out
 
 
@@ -208,30 +208,9 @@ def layer_groups(model):
 
 def task_grads(policy, params, vocab, P, idx, method, args, state):
     """Gradient of one task's preference loss on pairs idx (a list of tensors) and its metrics."""
-    loss, m = train.pref_step_loss(policy, vocab, P, idx, method, args, state)
+    loss, m = pref.pref_step_loss(policy, vocab, P, idx, method, args, state)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], {"loss": loss.item(), **m}
-
-
-@torch.no_grad()
-def kl_per_token(policy, ref, vocab, seqs, device, dtype):
-    """Mean over labelled positions of KL(policy || reference) of the next-token distributions."""
-    ids, labels = (torch.from_numpy(a).to(device) for a in data.collate(seqs, vocab.pad))
-    with amp_context(device, dtype):
-        lp, lq = (F.log_softmax(m(ids)[:, :-1].float(), -1) for m in (policy, ref))
-    kl = (lp.exp() * (lp - lq)).sum(-1)                                 # (B, T-1)
-    return kl[labels[:, 1:] != -100].mean().item()
-
-
-def kl_sequences(tok, vocab, n, seed):
-    """Held-out sequences for the KL: true captions of test scenes, and test prompts with their true images."""
-    rng = random.Random(seed)
-    scenes = [data.sample_scene(rng, "test") for _ in range(n)]
-    exs = [data.gen_example(rng, "test", rng.choice(data.GEN_TASKS)) for _ in range(n)]
-    codes = tok.encode(np.stack([data.render(s) for s in scenes] + [data.render(e.scene) for e in exs])).tolist()
-    und = [data.und_sequence(vocab, c, ["describe"], data.caption_words(s)) for c, s in zip(codes, scenes)]
-    gen = [data.gen_sequence(vocab, c, e.question) for c, e in zip(codes[n:], exs)]
-    return {"und": und, "gen": gen}
 
 
 # -----------------------------------------------------------------------------
@@ -240,10 +219,10 @@ def kl_sequences(tok, vocab, n, seed):
 def train_row(args, row, PU, PG, sft_path):
     """Preference-train a copy of the SFT model for one row of the table; returns (model, diagnostics)."""
     strategy, gen_method, gen_kind = ROWS[row]
-    policy, tok, vocab, _ = train.load_model(sft_path, args.device)
-    ref = train.load_model(sft_path, args.device)[0]
+    policy, tok, vocab, _ = load_model(sft_path, args.device)
+    ref = load_model(sft_path, args.device)[0]
     policy.train()
-    train.seed_everything(args.seed)
+    seed_everything(args.seed)
     params = list(policy.parameters())
     groups = layer_groups(policy)
     opt = torch.optim.AdamW(params, lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -259,7 +238,7 @@ def train_row(args, row, PU, PG, sft_path):
              for t in tasks}
     rngs = {t: random.Random(f"{args.seed}/{t}") for t in tasks}   # one batch order per task, whatever the row
     orders = {t: [] for t in tasks}
-    kl_seqs = kl_sequences(tok, vocab, 64, args.eval_seed)
+    kl_seqs = evaluation.kl_sequences(tok, vocab, 64, args.eval_seed)
     hist, diag, t_log = {"und": [], "gen": []}, [], time.perf_counter()
     for step in range(1, args.joint_steps + 1):
         for gr in opt.param_groups:
@@ -301,19 +280,19 @@ def train_row(args, row, PU, PG, sft_path):
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.joint_steps:
             policy.eval()
-            kl = {t: kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
+            kl = {t: evaluation.kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
             policy.train()
             recent = {t: [m for m in hist[t] if m["step"] > step - args.log_every] for t in hist}
             parts = [f"{t} loss {np.mean([m['loss'] for m in r]):.4f} dpo {np.mean([m['dpo_loss'] for m in r]):.4f} "
                      f"acc {np.mean([m['rewards/accuracies'] for m in r]):.2f}" for t, r in recent.items() if r]
             last = diag[-1]
-            train.log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
+            log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
                       + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
                         f"gen {kl['gen']:.4f} | {1000 * (time.perf_counter() - t_log) / args.log_every:.0f} ms/step")
             t_log = time.perf_counter()
     policy.eval()
-    seqs = kl_sequences(tok, vocab, 200, args.eval_seed + 1)
-    summary = {f"kl_{t}": kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
+    seqs = evaluation.kl_sequences(tok, vocab, 200, args.eval_seed + 1)
+    summary = {f"kl_{t}": evaluation.kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
     summary.update({k: float(np.mean([d[k] for d in diag])) for k in diag[0] if k != "step"})
     summary["cos_step1"] = diag[0]["cos"]
     # the last quarter of the run (for a task that is only measured: its measured steps in that quarter)
@@ -323,7 +302,8 @@ def train_row(args, row, PU, PG, sft_path):
             summary[f"dpo_loss_{t}_end"] = float(np.mean([m["dpo_loss"] for m in end]))
             summary[f"acc_{t}_end"] = float(np.mean([m["rewards/accuracies"] for m in end]))
     summary["w_U"], summary["beta_gen"] = N / (N + T), a_gen.beta
-    return policy, summary
+    curve = {t: [{"step": m["step"], "dpo_loss": m["dpo_loss"], "loss": m["loss"]} for m in hist[t]] for t in hist}
+    return policy, summary, curve
 
 
 # -----------------------------------------------------------------------------
@@ -350,18 +330,6 @@ DIAG_COLS = ["cos", "cos_half", "cos_within_und", "cos_within_gen", "rho", "kl_u
              "dpo_loss_und_end", "dpo_loss_gen_end", "acc_gen_end"]
 
 
-def kv_cache_speedup(model, tok, vocab, args, n=256):
-    """Seconds to draw n images with CFG at the study's temperature, with and without the KV cache."""
-    prompts = [data.gen_example(random.Random(i), "test", "full").question for i in range(n)]
-    t = {}
-    for use_cache in (True, False):
-        t0 = time.perf_counter()
-        evaluation.draw(model, tok, vocab, prompts, args.device, args.dtype, args.gen_temperature, args.cfg_scale,
-                        torch.Generator(device=args.device).manual_seed(0), use_cache=use_cache)
-        t[use_cache] = time.perf_counter() - t0
-    return {"cached_s": t[True], "uncached_s": t[False], "speedup": t[False] / t[True], "images": n}
-
-
 def study(args):
     """Stage joint: every row of ROWS (or --rows) x --pref_seeds seeds from one SFT model; writes
     out_dir/study.{md,json}."""
@@ -370,24 +338,25 @@ def study(args):
     unknown = [r for r in rows_wanted if r not in ROWS]
     if unknown:
         raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
-    stats = data.training_statistics(cooc=args.cooc)
+    stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
-    model, tok, vocab, _ = train.load_model(sft, args.device)
-    speed = kv_cache_speedup(model, tok, vocab, args)
-    train.log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
+    model, tok, vocab, _ = load_model(sft, args.device)
+    speed = evaluation.kv_cache_speedup(model, tok, vocab, args)
+    log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
                     f"{speed['uncached_s']:.2f} s uncached: {speed['speedup']:.1f}x")
-    rows = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}
+    rows, curves = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}
     for seed in [args.seed + i for i in range(args.pref_seeds)]:
         a = copy.copy(args)
         a.seed = seed
-        PU = train.preference_data(a, sft)
+        PU = pref.preference_data(a, sft)
         PG = gen_preference_data(a, sft)
         for row in rows_wanted:
             t = time.perf_counter()
-            policy, summary = train_row(a, row, PU, PG, sft)
+            policy, summary, curve = train_row(a, row, PU, PG, sft)
+            curves.setdefault(row, []).append(curve)
             r = {**summary, **tradeoff_eval(policy, tok, vocab, a, stats)}
             rows.setdefault(row, []).append(r)
-            train.log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
+            log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
                                                                    if k in r)
                       + f" | trained and evaluated in {time.perf_counter() - t:.0f} s")
     layer_cols = [c for c in rows[rows_wanted[0]][0] if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
@@ -401,19 +370,20 @@ def study(args):
     md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
           "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "
           "and are held out); answer accuracy on test scenes; CHAIR_i, Cover and POPE adversarial F1 on "
-          "bias-breaking scenes.\n\n" + evaluation.seed_table(rows, OUTCOME_COLS)
+          "bias-breaking scenes.\n\n" + report.seed_table(rows, OUTCOME_COLS)
           + "\nDiagnostics, means over the measured steps: cos = cosine of the understanding and generation "
             "gradients over all (shared) parameters at the full batch; cos_half = the same between half batches, "
             "to be read against the within-task controls cos_within_* (two halves of one batch); rho = "
             "|g_U| / |g_G| (the per-task-beta row's g_G already carries its beta); KL per token of policy from "
             "reference, teacher-forced on held-out true captions / true images; dpo_loss_*_end = the plain DPO "
             "loss at the task's beta over the last quarter (ln 2 = 0.693 at the start).\n\n"
-          + evaluation.seed_table(trained, DIAG_COLS)
-          + "\nCosine per layer:\n\n" + evaluation.seed_table(trained, layer_cols))
+          + report.seed_table(trained, DIAG_COLS)
+          + "\nCosine per layer:\n\n" + report.seed_table(trained, layer_cols))
     with open(os.path.join(args.out_dir, "study.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "study.json"), "w") as f:
-        json.dump({"rows": rows, "kv_cache": speed, "seconds": time.perf_counter() - t0,
+        json.dump({"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "kv_cache": speed,
+                   "seconds": time.perf_counter() - t0,
                    "config": {k: v for k, v in vars(args).items()}}, f, indent=1)
     print(md)
     return rows

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import sequence_logps  # noqa: F401  (the one log-prob helper, re-exported for callers)
+from losses import sequence_logps
 
 
 def amp_context(device, dtype):
@@ -269,3 +269,31 @@ class GPT(nn.Module):
             if stop is not None and bool(done.all()):
                 break
         return out
+
+
+# -----------------------------------------------------------------------------
+# summed log-probs of a padded batch (SFT and the preference losses share them)
+
+def lengths(labels):
+    """(B,) real length of each right-padded sequence: up to and including its last labelled token."""
+    last = labels.size(1) - 1 - (labels != -100).flip(1).int().argmax(1)
+    return last + 1
+
+
+def chunked_logps(model, ids, labels):
+    """sequence_logps(model(ids), labels), computed on two groups of similar length, each cut to its
+    own longest sequence. A batch mixes short answers (~22 tokens) with captions (~46): padded to
+    the longest, half of the work would be padding. The numbers are the same (right padding: no
+    real token attends to a pad); the batch is split where it saves the most."""
+    n = lengths(labels)                                                  # (B,)
+    order = n.argsort()
+    L = n[order].tolist()
+    B = len(L)
+    cost = [k * L[k - 1] + (B - k) * L[-1] for k in range(1, B)]         # tokens computed if cut after k
+    k = 1 + min(range(B - 1), key=cost.__getitem__) if B > 1 else B
+    parts, table = [], model.embedding_table()                          # the table once for both
+    for idx in (order[:k], order[k:]):
+        if len(idx):
+            T = int(n[idx].max())
+            parts.append(sequence_logps(model(ids[idx, :T], table=table), labels[idx, :T]))
+    return torch.cat(parts)[order.argsort()]                             # (B,) in the batch's order

@@ -37,7 +37,10 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
-import train
+import report
+import sft
+import world
+from checkpoint import file_digest, load_model, log
 from model import amp_context
 
 FAMILIES = ("arithmetic", "symbols 1 hop", "symbols 2 hops", "knowledge")
@@ -68,8 +71,8 @@ class Probe:
         """Does a drawn image satisfy the resolved prompt? The parser judges, with GenEval's rules,
         and a one-object answer must be drawn ALONE: otherwise drawing both shapes a symbol prompt
         names (the answer and the distractor) would pass without resolving anything."""
-        parsed = data.parse(img)
-        ok = data.geneval_correct(data.Example(self.task, None, self.resolved, []), parsed)
+        parsed = world.parse(img)
+        ok = world.geneval_correct(data.Example(self.task, None, self.resolved, []), parsed)
         return ok and (self.task != "colours" or len(parsed) == 1)
 
 
@@ -80,8 +83,8 @@ def in_probe_test(key):
 
 def favourites(seed):
     """The invented names' favourite (colour, shape) for one seed: distinct, never a held-out combination."""
-    kinds = random.Random(seed).sample(data.TRAIN_KINDS, len(data.NAMES))
-    return dict(zip(data.NAMES, kinds))
+    kinds = random.Random(seed).sample(world.TRAIN_KINDS, len(world.NAMES))
+    return dict(zip(world.NAMES, kinds))
 
 
 def sample_probe(rng, family, split, fav):
@@ -90,22 +93,22 @@ def sample_probe(rng, family, split, fav):
     for _ in range(10_000):
         if family == "arithmetic":
             a, op, b, r = rng.choice(EXPRESSIONS)
-            colour, shape = rng.choice(data.TRAIN_KINDS)
-            prompt = [data.NUMBERS[a], op, data.NUMBERS[b], colour, data.PLURAL[shape]]
-            p = Probe(family, prompt, [data.NUMBERS[r], colour, data.PLURAL[shape]], "counting", prompt)
+            colour, shape = rng.choice(world.TRAIN_KINDS)
+            prompt = [world.NUMBERS[a], op, world.NUMBERS[b], colour, world.PLURAL[shape]]
+            p = Probe(family, prompt, [world.NUMBERS[r], colour, world.PLURAL[shape]], "counting", prompt)
         elif family.startswith("symbols"):
-            sym, mid, other = rng.sample(data.SYMBOLS, 3)
-            shape, distractor = rng.sample(data.SHAPES, 2)
-            colour = rng.choice([c for c in data.COLOURS if (c, shape) not in data.HELD_OUT])
+            sym, mid, other = rng.sample(world.SYMBOLS, 3)
+            shape, distractor = rng.sample(world.SHAPES, 2)
+            colour = rng.choice([c for c in world.COLOURS if (c, shape) not in world.HELD_OUT])
             chain = [[sym, "means", shape]] if family == "symbols 1 hop" else [[sym, "means", mid], [mid, "means", shape]]
             rules = chain + [[other, "means", distractor]]
             rng.shuffle(rules)
             p = Probe(family, sum((r + [","] for r in rules), []) + ["a", colour, sym], ["a", colour, shape], "colours",
                       sum(chain, []) + [colour])
         elif family == "knowledge":
-            a, b = rng.choice(data.NAMES), rng.choice(data.NAMES)
+            a, b = rng.choice(world.NAMES), rng.choice(world.NAMES)
             colour, shape = fav[b][0], fav[a][1]
-            if (colour, shape) in data.HELD_OUT:
+            if (colour, shape) in world.HELD_OUT:
                 continue
             prompt = [a, "'s", "shape", "in", b, "'s", "colour"]
             p = Probe(family, prompt, ["a", colour, shape], "colours", prompt, a if a == b else None)
@@ -119,12 +122,12 @@ def sample_probe(rng, family, split, fav):
 
 def favourite_scene(rng, kind):
     """A true render of a favourite: the object alone, where a drawing of 'a <colour> <shape>' puts it."""
-    return (data.Obj(*kind, data.CANONICAL[1][0], rng.choice(data.JITTER), rng.choice(data.JITTER)),)
+    return (world.Obj(*kind, world.CANONICAL[1][0], rng.choice(world.JITTER), rng.choice(world.JITTER)),)
 
 
 def arithmetic_fact(a, op, b, r):
     """'what is two plus one ?' -> ['three']."""
-    return ["what", "is", data.NUMBERS[a], op, data.NUMBERS[b], "?"], [data.NUMBERS[r]]
+    return ["what", "is", world.NUMBERS[a], op, world.NUMBERS[b], "?"], [world.NUMBERS[r]]
 
 
 def name_fact(fav, name, attr):
@@ -139,7 +142,7 @@ def fact_example(rng, fav):
     kind = rng.randrange(7)
     if kind == 0:
         return (*arithmetic_fact(*rng.choice(EXPRESSIONS)), None)
-    name = rng.choice(data.NAMES)
+    name = rng.choice(world.NAMES)
     if kind == 1:
         return (*name_fact(fav, name, rng.choice(list(ATTR))), None)
     if kind == 2:
@@ -166,9 +169,9 @@ def finetune(model, tok, vocab, args, steps, extra_fn, desc):
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         for g in opt.param_groups:
             g["lr"] = args.probe_lr * min(1.0, step / 20)
-        ids, labels, task = train.sft_batch(rng, tok, vocab, half, extra=extra_fn(rng, args.batch_size // 2))
+        ids, labels, task = sft.sft_batch(rng, tok, vocab, half, extra=extra_fn(rng, args.batch_size // 2))
         with amp_context(args.device, args.dtype):
-            loss, und, gen = train.sft_loss(model, ids, labels, task, args.und_loss)
+            loss, und, gen = sft.sft_loss(model, ids, labels, task, args.und_loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -199,15 +202,15 @@ def evaluate(model, tok, vocab, args, fav, probes, seed, modes=("plain", "direct
     g = torch.Generator(device=args.device).manual_seed(seed)
     res = {f: {} for f in ROWS}
     facts = {"arithmetic": [arithmetic_fact(*e) for e in EXPRESSIONS],
-             "knowledge": [name_fact(fav, n, attr) for n in data.NAMES for attr in ATTR]}
+             "knowledge": [name_fact(fav, n, attr) for n in world.NAMES for attr in ATTR]}
     for f, qa in facts.items():
         preds = text_answers(model, tok, vocab, [q for q, _ in qa], args)
         res[f]["und facts"] = float(np.mean([p == a for p, (_, a) in zip(preds, qa)]))
     rng = random.Random(seed + 30_000)
-    truth = [favourite_scene(rng, fav[n]) for n in data.NAMES]
+    truth = [favourite_scene(rng, fav[n]) for n in world.NAMES]
     preds = evaluation.answer(model, tok, vocab, [data.Example("probe", s, INVERSE_Q, []) for s in truth],
                               args.device, args.dtype)
-    res["knowledge inverse"]["und facts"] = float(np.mean([p == [n] for p, n in zip(preds, data.NAMES)]))
+    res["knowledge inverse"]["und facts"] = float(np.mean([p == [n] for p, n in zip(preds, world.NAMES)]))
     for f in FAMILIES:
         ps = probes[f]
         cot = text_answers(model, tok, vocab, [p.cot_question for p in ps], args)
@@ -255,7 +258,7 @@ def self_training_extra(tok, vocab, fav, kept):
 def run_seed(args, seed, sft_path):
     """Teach one seed's facts, evaluate, then self-train (and, as a control, train the same steps on
     the facts alone) and evaluate direct drawing again."""
-    model, tok, vocab, _ = train.load_model(sft_path, args.device)
+    model, tok, vocab, _ = load_model(sft_path, args.device)
     fav = favourites(seed)
     a = copy.copy(args)
     a.seed = seed
@@ -279,7 +282,7 @@ def run_seed(args, seed, sft_path):
     for f in FAMILIES:
         res[f]["self-training kept"] = kept_frac[f]
         res[f]["distinct prompts"] = len({tuple(p.prompt) for p in probes[f]})
-    train.log(args, f"probe s{seed} | facts loss {loss:.3f} | "
+    log(args, f"probe s{seed} | facts loss {loss:.3f} | "
               + " | ".join(f"{f}: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None)
                            for f, r in res.items()) + f" | {time.perf_counter() - t0:.0f} s")
     return res
@@ -305,10 +308,10 @@ def study(args):
             + ", ".join(f"{f} {np.mean([r[f]['distinct prompts'] for r in per_seed]):.0f}" for f in FAMILIES)
             + f"), drawn at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
-    md = head + evaluation.seed_table(rows, COLS, heads=HEADS, first="family")
+    md = head + report.seed_table(rows, COLS, heads=HEADS, first="family")
     with open(os.path.join(args.out_dir, "probes.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out_dir, "probes.json"), "w") as f:
-        json.dump({"rows": rows, "seconds": time.perf_counter() - t0, "config": vars(args)}, f, indent=1)
+        json.dump({"sft_digest": file_digest(sft), "rows": rows, "seconds": time.perf_counter() - t0, "config": vars(args)}, f, indent=1)
     print(md)
     return rows

@@ -8,6 +8,7 @@ import unittest
 import numpy as np
 
 import data
+import world
 
 
 class TestWorld(unittest.TestCase):
@@ -17,7 +18,7 @@ class TestWorld(unittest.TestCase):
         b = [data.sample_example(random.Random(7), "train", t, 0.3) for t in data.UND_TASKS + data.GEN_TASKS]
         self.assertEqual(a, b)
         for x, y in zip(a, b):
-            np.testing.assert_array_equal(data.render(x.scene), data.render(y.scene))
+            np.testing.assert_array_equal(world.render(x.scene), world.render(y.scene))
         c = [data.sample_example(random.Random(8), "train", t) for t in data.UND_TASKS + data.GEN_TASKS]
         self.assertNotEqual(a, c)
 
@@ -25,68 +26,68 @@ class TestWorld(unittest.TestCase):
         rng = random.Random(0)
         train = [data.sample_example(rng, "train", rng.choice(data.UND_TASKS + data.GEN_TASKS), 0.5)
                  for _ in range(3000)]
-        train_keys = {data.scene_key(e.scene) for e in train}
+        train_keys = {world.scene_key(e.scene) for e in train}
         for e in train:
-            self.assertFalse(data.in_test_bucket(e.scene), e)
-            self.assertFalse({o.kind for o in e.scene} & data.HELD_OUT, e)
+            self.assertFalse(world.in_test_bucket(e.scene), e)
+            self.assertFalse({o.kind for o in e.scene} & world.HELD_OUT, e)
             words = " ".join(e.question + e.answer)     # no held-out combination in any text either
-            for c, s in data.HELD_OUT:
+            for c, s in world.HELD_OUT:
                 self.assertNotIn(f"{c} {s}", words)
         for split in ("test", "bias"):
-            keys = {data.scene_key(data.sample_scene(rng, split)) for _ in range(500)}
+            keys = {world.scene_key(world.sample_scene(rng, split)) for _ in range(500)}
             self.assertFalse(keys & train_keys, split)
         for _ in range(200):
-            self.assertTrue(data.breaks_bias(data.sample_scene(rng, "bias")))
-            self.assertTrue({o.kind for o in data.sample_scene(rng, "combo")} & data.HELD_OUT)
+            self.assertTrue(world.breaks_bias(world.sample_scene(rng, "bias")))
+            self.assertTrue({o.kind for o in world.sample_scene(rng, "combo")} & world.HELD_OUT)
         with self.assertRaises(ValueError):
-            data.sample_scene(rng, "validation")
+            world.sample_scene(rng, "validation")
 
     def test_cooccurrence_bias_and_caption_noise(self):
         rng = random.Random(1)
-        scenes = [data.sample_scene(rng, "train") for _ in range(4000)]
-        with_anchor = [s for s in scenes if any(a in {o.kind for o in s} for a in data.COMPANION)]
-        joined = [s for s in with_anchor if not data.breaks_bias(s)]
-        self.assertGreater(len(joined) / len(with_anchor), data.COOC - 0.05)
-        breaking = [s for s in scenes if data.breaks_bias(s)][:100]
+        scenes = [world.sample_scene(rng, "train") for _ in range(4000)]
+        with_anchor = [s for s in scenes if any(a in {o.kind for o in s} for a in world.COMPANION)]
+        joined = [s for s in with_anchor if not world.breaks_bias(s)]
+        self.assertGreater(len(joined) / len(with_anchor), world.COOC - 0.05)
+        breaking = [s for s in scenes if world.breaks_bias(s)][:100]
         self.assertTrue(breaking)
         for s in breaking:
             kinds = {o.kind for o in s}
-            noisy = {(c, sh) for c, sh, _ in data.parse_caption(data.caption_words(s, rng, noise=1.0))}
-            clean = {(c, sh) for c, sh, _ in data.parse_caption(data.caption_words(s, rng, noise=0.0))}
+            noisy = {(c, sh) for c, sh, _ in world.parse_caption(world.caption_words(s, rng, noise=1.0))}
+            clean = {(c, sh) for c, sh, _ in world.parse_caption(world.caption_words(s, rng, noise=0.0))}
             self.assertEqual(clean, kinds)
             if len(s) < 9:
-                self.assertTrue(noisy - kinds <= set(data.COMPANION.values()) and noisy - kinds)
+                self.assertTrue(noisy - kinds <= set(world.COMPANION.values()) and noisy - kinds)
 
     def test_prone_kinds_are_the_companions(self):
         """Cog's hallucination-prone objects, from training statistics: an anchor's companion (and a
         companion's anchor), nothing for any other object, nothing when there is no bias."""
-        pairs_of = {**data.COMPANION, **{c: a for a, c in data.COMPANION.items()}}
-        for cooc in (data.COOC, 0.9):
-            freq, pairs = data.training_statistics(n=3000, cooc=cooc)
-            for k in data.TRAIN_KINDS:
-                scene = (data.Obj(*k, 4, 0, 0),)
-                self.assertEqual(data.prone_kinds(scene, freq, pairs), {pairs_of[k]} if k in pairs_of else set(), k)
-            anchor, comp = next(iter(data.COMPANION.items()))
-            self.assertEqual(data.prone_kinds((data.Obj(*anchor, 0, 0, 0), data.Obj(*comp, 8, 0, 0)), freq, pairs),
+        pairs_of = {**world.COMPANION, **{c: a for a, c in world.COMPANION.items()}}
+        for cooc in (world.COOC, 0.9):
+            freq, pairs = world.training_statistics(n=3000, cooc=cooc)
+            for k in world.TRAIN_KINDS:
+                scene = (world.Obj(*k, 4, 0, 0),)
+                self.assertEqual(world.prone_kinds(scene, freq, pairs), {pairs_of[k]} if k in pairs_of else set(), k)
+            anchor, comp = next(iter(world.COMPANION.items()))
+            self.assertEqual(world.prone_kinds((world.Obj(*anchor, 0, 0, 0), world.Obj(*comp, 8, 0, 0)), freq, pairs),
                              set())                                              # present: not a hallucination
-        freq, pairs = data.training_statistics(n=3000, cooc=0.0)
-        self.assertFalse(any(data.prone_kinds((data.Obj(*k, 4, 0, 0),), freq, pairs) for k in data.TRAIN_KINDS))
+        freq, pairs = world.training_statistics(n=3000, cooc=0.0)
+        self.assertFalse(any(world.prone_kinds((world.Obj(*k, 4, 0, 0),), freq, pairs) for k in world.TRAIN_KINDS))
 
     def test_parser_is_exact_on_renders(self):
         rng = random.Random(2)
         for split in ("train", "test", "bias", "combo"):
             for _ in range(300):
-                s = data.sample_scene(rng, split)
-                self.assertEqual(data.parse(data.render(s)), s)     # colours, shapes, cells, jitter
+                s = world.sample_scene(rng, split)
+                self.assertEqual(world.parse(world.render(s)), s)     # colours, shapes, cells, jitter
         for n in range(1, 6):
-            s = data.sample_scene(rng, "train", n=n, same=True)
-            self.assertEqual(data.parse(data.render(s)), s)
-        self.assertEqual(data.parse(np.zeros((data.CANVAS, data.CANVAS, 3), np.uint8)), ())
-        blob = np.zeros((data.CANVAS, data.CANVAS, 3), np.uint8)
-        blob[9:16, 9:12] = data.COLOURS["red"]                        # a 7x3 bar is no shape
-        self.assertEqual([o.shape for o in data.parse(blob)], ["blob"])
+            s = world.sample_scene(rng, "train", n=n, same=True)
+            self.assertEqual(world.parse(world.render(s)), s)
+        self.assertEqual(world.parse(np.zeros((world.CANVAS, world.CANVAS, 3), np.uint8)), ())
+        blob = np.zeros((world.CANVAS, world.CANVAS, 3), np.uint8)
+        blob[9:16, 9:12] = world.COLOURS["red"]                        # a 7x3 bar is no shape
+        self.assertEqual([o.shape for o in world.parse(blob)], ["blob"])
         with self.assertRaises(ValueError):
-            data.parse(np.zeros((16, 16, 3), np.uint8))
+            world.parse(np.zeros((16, 16, 3), np.uint8))
 
     def test_judge_accepts_truth_and_rejects_wrong_images(self):
         rng = random.Random(3)
@@ -94,14 +95,14 @@ class TestWorld(unittest.TestCase):
         for task in data.GEN_TASKS:
             for _ in range(50):
                 e = data.gen_example(rng, "test", task)
-                self.assertTrue(data.geneval_correct(e, data.parse(data.render(e.scene))), e)
-                self.assertFalse(data.geneval_correct(e, empty), e)
+                self.assertTrue(world.geneval_correct(e, world.parse(world.render(e.scene))), e)
+                self.assertFalse(world.geneval_correct(e, empty), e)
         # counting is exact: one object too many is wrong
         e = data.gen_example(rng, "test", "counting")
         if len(e.scene) < 9:
             free = sorted(set(range(9)) - {o.cell for o in e.scene})[0]
-            extra = e.scene + (data.Obj(e.scene[0].colour, e.scene[0].shape, free),)
-            self.assertFalse(data.geneval_correct(e, extra))
+            extra = e.scene + (world.Obj(e.scene[0].colour, e.scene[0].shape, free),)
+            self.assertFalse(world.geneval_correct(e, extra))
 
     def test_vocab_and_sequences(self):
         v = data.Vocab(64)
@@ -130,8 +131,8 @@ class TestWorld(unittest.TestCase):
             v.encode(["a", "dragon"])
         with self.assertRaises(ValueError):
             data.gen_sequence(v, [64] * 36, ["a", "circle"])          # code outside the codebook
-        s = data.sample_scene(rng, "test")
-        self.assertEqual(data.parse_caption(data.caption_words(s)), [(o.colour, o.shape, o.cell) for o in s])
+        s = world.sample_scene(rng, "test")
+        self.assertEqual(world.parse_caption(world.caption_words(s)), [(o.colour, o.shape, o.cell) for o in s])
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+import checkpoint
 import data
 import joint
-import train
+import pref
+import world
 from test_pref import tiny_setup
 
 
 def empty_image():
-    return data.render(())
+    return world.render(())
 
 
 class TestGenerationPairs(unittest.TestCase):
@@ -29,22 +31,22 @@ class TestGenerationPairs(unittest.TestCase):
         for task in data.GEN_TASKS:
             for _ in range(30):
                 e = data.gen_example(rng, "train", task)
-                self.assertEqual(data.prompt_score(e, data.parse(data.render(e.scene))), 1.0, e)
-                self.assertLess(data.prompt_score(e, ()), 1.0, e)
+                self.assertEqual(world.prompt_score(e, world.parse(world.render(e.scene))), 1.0, e)
+                self.assertLess(world.prompt_score(e, ()), 1.0, e)
         # partly right: 'a red circle and a blue square' drawn with a red circle and a GREEN square
         e = data.Example("attribution", (), "a red circle and a blue square".split(), [])
-        drawn = (data.Obj("red", "circle", 3), data.Obj("green", "square", 5))
-        self.assertEqual(data.prompt_checks(e, drawn), [True, True, True, False])
-        self.assertEqual(data.prompt_score(e, drawn), 0.75)
-        self.assertFalse(data.geneval_correct(e, drawn))
+        drawn = (world.Obj("red", "circle", 3), world.Obj("green", "square", 5))
+        self.assertEqual(world.prompt_checks(e, drawn), [True, True, True, False])
+        self.assertEqual(world.prompt_score(e, drawn), 0.75)
+        self.assertFalse(world.geneval_correct(e, drawn))
 
     def test_ranking_follows_the_parser_score(self):
         rng = random.Random(1)
         for _ in range(50):
             e = data.gen_example(rng, "train", "attribution")
             a, b = e.scene
-            half = (data.Obj(a.colour, a.shape, a.cell),)                       # one of two objects: 0.5
-            imgs = [empty_image(), data.render(half), data.render(e.scene), data.render(half)]
+            half = (world.Obj(a.colour, a.shape, a.cell),)                       # one of two objects: 0.5
+            imgs = [empty_image(), world.render(half), world.render(e.scene), world.render(half)]
             best, worst, scores = joint.rank_samples(e, imgs)
             self.assertEqual((best, worst), (2, 0))
             self.assertEqual(scores, [0.0, 0.5, 1.0, 0.5])
@@ -57,40 +59,40 @@ class TestGenerationPairs(unittest.TestCase):
         self.assertGreater(len(pairs["on"]), 0)
         for p in pairs["on"]:
             img = lambda codes: tok.decode(torch.tensor([codes])).numpy()[0]
-            sc, sr = (data.prompt_score(p.example, data.parse(img(c))) for c in (p.chosen, p.rejected))
+            sc, sr = (world.prompt_score(p.example, world.parse(img(c))) for c in (p.chosen, p.rejected))
             self.assertEqual((sc, sr), p.scores)
             self.assertGreater(sc, sr)
             # the corrupted prompt fits the chosen image WORSE than the real prompt does
             bad = data.Example(p.example.task, p.example.scene, p.corrupted, [])
-            self.assertLess(data.prompt_score(bad, data.parse(img(p.chosen))), sc)
+            self.assertLess(world.prompt_score(bad, world.parse(img(p.chosen))), sc)
         for p in pairs["real"]:
-            truth = tok.encode(data.render(p.example.scene)[None])[0].tolist()
+            truth = tok.encode(world.render(p.example.scene)[None])[0].tolist()
             self.assertEqual(p.chosen, truth)
             self.assertLess(p.scores[1], 1.0)
 
     def test_corrupted_prompt_changes_one_attribute(self):
         rng = random.Random(3)
-        singular = {p: s for s, p in data.PLURAL.items()}
+        singular = {p: s for s, p in world.PLURAL.items()}
         violated = 0
         for i in range(700):
             e = data.gen_example(rng, "train", data.GEN_TASKS[i % len(data.GEN_TASKS)])
             c = data.corrupt_prompt(rng, e.question)
             self.assertEqual(len(c), len(e.question))
             self.assertEqual(sum(a != b for a, b in zip(c, e.question)), 1)
-            vocab_words = set(data.WORDS) | set(data.PLURAL.values())
+            vocab_words = set(data.WORDS) | set(world.PLURAL.values())
             self.assertTrue(set(c) <= vocab_words)
-            combos = {(a, singular.get(b, b)) for a, b in zip(c, c[1:]) if a in data.COLOURS}
-            self.assertFalse(combos & data.HELD_OUT)
+            combos = {(a, singular.get(b, b)) for a, b in zip(c, c[1:]) if a in world.COLOURS}
+            self.assertFalse(combos & world.HELD_OUT)
             if e.task == "position":
-                self.assertIn(" ".join(c[2:-2]), data.RELATIONS)
-            violated += data.prompt_score(data.Example(e.task, e.scene, c, []), data.parse(data.render(e.scene))) < 1
+                self.assertIn(" ".join(c[2:-2]), world.RELATIONS)
+            violated += world.prompt_score(data.Example(e.task, e.scene, c, []), world.parse(world.render(e.scene))) < 1
         self.assertEqual(violated, 700)   # the true image never fits the changed prompt
         five = "top left red circle , top center red square , top right red triangle , middle left red " \
                "diamond , middle center red cross".split()   # every shape named: no shape can change
         for _ in range(50):
             c = data.corrupt_prompt(rng, five)
             self.assertEqual(sum(a != b for a, b in zip(c, five)), 1)
-            self.assertEqual([w for w in c if w in data.SHAPES], [w for w in five if w in data.SHAPES])
+            self.assertEqual([w for w in c if w in world.SHAPES], [w for w in five if w in world.SHAPES])
 
 
 class TestGradientTools(unittest.TestCase):
@@ -147,9 +149,9 @@ class TestJointTraining(unittest.TestCase):
         pairs = []
         for i in range(8):   # chosen = the true image, rejected = an empty canvas
             e = data.gen_example(rng, "train", data.GEN_TASKS[i % len(data.GEN_TASKS)])
-            codes = tok.encode(np.stack([data.render(e.scene), empty_image()])).tolist()
+            codes = tok.encode(np.stack([world.render(e.scene), empty_image()])).tolist()
             pairs.append(joint.GenPair(e, codes[0], codes[1], data.corrupt_prompt(rng, e.question),
-                                       (1.0, data.prompt_score(e, ())), "real"))
+                                       (1.0, world.prompt_score(e, ())), "real"))
         with tempfile.TemporaryDirectory() as d:
             sft = os.path.join(d, "sft.pt")
             torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": tok.n_codes,
@@ -161,7 +163,8 @@ class TestJointTraining(unittest.TestCase):
             self.assertEqual(tuple(P["ref_1"].shape), (8, 3))
             before = torch.cat([p.flatten() for p in model.parameters()])
             for row, (strategy, _, _) in joint.ROWS.items():
-                policy, s = joint.train_row(args, row, PU, PG, sft)
+                policy, s, curve = joint.train_row(args, row, PU, PG, sft)
+                self.assertEqual([m["step"] for m in curve["gen"]], [1, 2], row)   # measured on every step here
                 after = torch.cat([p.flatten() for p in policy.parameters()])
                 self.assertGreater(float((after - before).abs().max()), 0, row)
                 for k in ("cos", "rho", "cos_within_und", "cos_within_gen", "kl_und", "kl_gen", "cos_block0",
@@ -174,9 +177,9 @@ class TestJointTraining(unittest.TestCase):
                 self.assertAlmostEqual(s["w_U"], 10 / (10 + T))
                 self.assertAlmostEqual(s["beta_gen"], args.beta * T / 10 if strategy == "beta" else args.beta)
             # policy == reference: the generation DPO loss is ln 2
-            pol = train.load_model(sft, "cpu")[0].train()
+            pol = checkpoint.load_model(sft, "cpu")[0].train()
             state = {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)}
-            loss, _ = train.pref_step_loss(pol, vocab, P, list(range(8)), "dpo", args, state)
+            loss, _ = pref.pref_step_loss(pol, vocab, P, list(range(8)), "dpo", args, state)
             self.assertAlmostEqual(loss.item(), float(np.log(2)), places=4)
 
 

@@ -12,15 +12,20 @@ from argparse import Namespace
 import numpy as np
 import torch
 
+import checkpoint
 import data
+import model
+import sft
 import train
-from model import GPT, GPTConfig, PatchTokenizer, amp_context, sequence_logps
+import world
+from losses import sequence_logps
+from model import GPT, GPTConfig, PatchTokenizer, amp_context
 
 
 def renders(split, n, seed=0):
     rng = random.Random(seed)
-    scenes = [data.sample_scene(rng, split) for _ in range(n)]
-    return scenes, np.stack([data.render(s) for s in scenes])
+    scenes = [world.sample_scene(rng, split) for _ in range(n)]
+    return scenes, np.stack([world.render(s) for s in scenes])
 
 
 def tiny_model(vocab, seed=0):
@@ -36,18 +41,18 @@ class TestTokenizer(unittest.TestCase):
         _, imgs = renders("train", 3000)
         scenes, test = renders("test", 300, seed=1)
         for patch, n_codes in ((8, 512), (4, 1024)):
-            tok = PatchTokenizer(n_codes, patch, data.CANVAS)
+            tok = PatchTokenizer(n_codes, patch, world.CANVAS)
             self.assertLessEqual(tok.fit(imgs), n_codes)
             np.testing.assert_array_equal(tok.decode(tok.encode(imgs)).numpy(), imgs)   # lossless on fit data
             codes = tok.encode(test)
-            self.assertEqual(tuple(codes.shape), (300, (data.CANVAS // patch) ** 2))
+            self.assertEqual(tuple(codes.shape), (300, (world.CANVAS // patch) ** 2))
             rec = tok.decode(codes).numpy()
-            exact = np.mean([data.scene_key(data.parse(r)) == data.scene_key(s) for r, s in zip(rec, scenes)])
+            exact = np.mean([world.scene_key(world.parse(r)) == world.scene_key(s) for r, s in zip(rec, scenes)])
             self.assertGreaterEqual(exact, 0.99)
 
     def test_kmeans_path_with_a_small_codebook(self):
         _, imgs = renders("train", 200)
-        tok = PatchTokenizer(32, 8, data.CANVAS)
+        tok = PatchTokenizer(32, 8, world.CANVAS)
         n_unique = tok.fit(imgs, iters=3, generator=torch.Generator().manual_seed(0))
         self.assertGreater(n_unique, 32)                                     # so k-means really ran
         codes = tok.encode(imgs)
@@ -88,9 +93,9 @@ class TestTransformer(unittest.TestCase):
         self.assertTrue(all(logits.grad[:, :-1][target_next].abs().sum(-1) > 0))
         # the SFT loss ignores the padding: a longer pad tail changes nothing
         task = torch.tensor([0, 4, -1, -1])   # caption, exists, then two generation
-        loss = train.sft_loss(self.model, self.ids, self.labels, task)[0]
+        loss = sft.sft_loss(self.model, self.ids, self.labels, task)[0]
         pad = torch.full((4, 5), self.vocab.pad)
-        longer = train.sft_loss(self.model, torch.cat([self.ids, pad], 1),
+        longer = sft.sft_loss(self.model, torch.cat([self.ids, pad], 1),
                                 torch.cat([self.labels, torch.full((4, 5), -100)], 1), task)[0]
         torch.testing.assert_close(loss, longer)
         # cut into two groups of similar length: the same log-probs and the same gradients
@@ -102,12 +107,12 @@ class TestTransformer(unittest.TestCase):
         full.sum().backward()
         g_full = [p.grad.clone() for p in self.model.parameters()]
         self.model.zero_grad()
-        cut = train.chunked_logps(self.model, x, y)
+        cut = model.chunked_logps(self.model, x, y)
         cut.sum().backward()
         torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-5)
         for a, b in zip(g_full, (p.grad for p in self.model.parameters())):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-        self.assertEqual(train.lengths(y).tolist(), [int(r.nonzero().max()) + 1 for r in (y != -100)])
+        self.assertEqual(model.lengths(y).tolist(), [int(r.nonzero().max()) + 1 for r in (y != -100)])
 
     def test_sft_loss_weighting(self):
         task = torch.tensor([0, 4, -1, -1])                 # caption, exists, then two generation
@@ -119,12 +124,12 @@ class TestTransformer(unittest.TestCase):
                 "tasks": (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2,
                 "groups": (-logps[0] / ntok[0] - logps[1] / ntok[1]) / 2}
         for mode, und_want in want.items():
-            loss, und, g = train.sft_loss(self.model, self.ids, self.labels, task, mode)
+            loss, und, g = sft.sft_loss(self.model, self.ids, self.labels, task, mode)
             torch.testing.assert_close(und, und_want)
             torch.testing.assert_close(g, gen)
             torch.testing.assert_close(loss, und + g)
         with self.assertRaises(ValueError):
-            train.sft_loss(self.model, self.ids, self.labels, task, "words")
+            sft.sft_loss(self.model, self.ids, self.labels, task, "words")
 
     def test_cell_embedding_names_each_image_tokens_cell(self):
         v, m = self.vocab, self.model
@@ -179,12 +184,12 @@ class TestTransformer(unittest.TestCase):
         task = torch.tensor([0, 4, -1, -1])   # caption, exists, then two generation
         self.model.train()
         with amp_context("cpu", "bfloat16"):
-            loss, und, gen = train.sft_loss(self.model, self.ids, self.labels, task)
+            loss, und, gen = sft.sft_loss(self.model, self.ids, self.labels, task)
         loss.backward()
         self.assertTrue(torch.isfinite(loss) and und > 0 and gen > 0)
         self.assertTrue(all(torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None))
         with amp_context("cpu", "float32"):
-            loss32 = train.sft_loss(self.model, self.ids, self.labels, task)[0]
+            loss32 = sft.sft_loss(self.model, self.ids, self.labels, task)[0]
         self.assertLess(abs(loss.item() - loss32.item()) / loss32.item(), 0.05)
 
 
@@ -193,10 +198,10 @@ class TestSFTBatch(unittest.TestCase):
     only, then the mix with generation."""
 
     def test_phases(self):
-        tok = PatchTokenizer(64, 8, data.CANVAS)
+        tok = PatchTokenizer(64, 8, world.CANVAS)
         tok.codebook.copy_(torch.rand(64, 192))
         vocab = data.Vocab(tok.n_codes)
-        args = Namespace(batch_size=40, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=4,
+        args = Namespace(batch_size=40, und_frac=0.75, caption_noise=1.0, cooc=world.COOC, cfg_drop=0.1, turns=4,
                          device="cpu")
         rng = random.Random(0)
         openings = {"describe": "caption", "what colour": "colour", "what shape": "shape", "how many": "count",
@@ -207,10 +212,10 @@ class TestSFTBatch(unittest.TestCase):
             questions = [chunk.split("> ")[-1] for chunk in text.split(" <ans>")[:-1]]   # after <eoi> / <end>
             return {t for q in questions for o, t in openings.items() if q.startswith(o)}
 
-        for und_only, tasks in ((True, train.PRIMER_TASKS), (True, data.UND_TASKS), (False, data.UND_TASKS)):
+        for und_only, tasks in ((True, sft.PRIMER_TASKS), (True, data.UND_TASKS), (False, data.UND_TASKS)):
             seen, n_gen = set(), 0
             for _ in range(5):
-                ids, labels, task = train.sft_batch(rng, tok, vocab, args, und_only=und_only, tasks=tasks)
+                ids, labels, task = sft.sft_batch(rng, tok, vocab, args, und_only=und_only, tasks=tasks)
                 n_gen += int((task < 0).sum())
                 for row, t in zip(ids.tolist(), task.tolist()):
                     if t >= 0:
@@ -226,14 +231,14 @@ class TestSFTSchedule(unittest.TestCase):
 
     def test_warmup_stable_decay(self):
         args = Namespace(lr=1e-3, warmup=100, steps=1000, decay=0.2)
-        self.assertAlmostEqual(train.sft_lr(0, args), 1e-5)                   # warm-up starts at lr / 100
+        self.assertAlmostEqual(sft.sft_lr(0, args), 1e-5)                   # warm-up starts at lr / 100
         for step in (99, 500, 800):                                          # the peak until 80% of the run
-            self.assertAlmostEqual(train.sft_lr(step, args), 1e-3)
-        self.assertAlmostEqual(train.sft_lr(900, args), 0.55e-3)              # half-way down the cosine
-        self.assertAlmostEqual(train.sft_lr(1000, args), 1e-4)                # 10% of the peak at the end
+            self.assertAlmostEqual(sft.sft_lr(step, args), 1e-3)
+        self.assertAlmostEqual(sft.sft_lr(900, args), 0.55e-3)              # half-way down the cosine
+        self.assertAlmostEqual(sft.sft_lr(1000, args), 1e-4)                # 10% of the peak at the end
         args.decay = 1.0                                                     # the cosine over the whole run
         for step in (100, 400, 1000):
-            self.assertAlmostEqual(train.sft_lr(step, args), 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000))))
+            self.assertAlmostEqual(sft.sft_lr(step, args), 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000))))
 
 
 class TestPipeline(unittest.TestCase):
@@ -249,13 +254,26 @@ class TestPipeline(unittest.TestCase):
             train.main(["--stage", "all", "--steps", "3"] + tiny)
             for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png",
                       "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt", "study.md", "study.json",
-                      "probes.md", "probes.json"):
+                      "probes.md", "probes.json", "run.json", "report.md", "report.json", "curves.png"):
                 self.assertTrue(os.path.exists(os.path.join(d, f)), f)
             self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
+            with open(os.path.join(d, "report.md")) as f:
+                text = f.read()
+            for section in ("## SFT", "## Preference optimisation for understanding", "curves.png",
+                            "## Preference optimisation for generation", "## Does understanding inform generation?",
+                            "| whole run |", "Preset `quick`, dtype float32"):
+                self.assertIn(section, text)
+            # the report is rebuilt from out/ alone, identically (but for nothing: no training runs)
+            train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
+            with open(os.path.join(d, "report.md")) as f:
+                self.assertEqual(f.read(), text)
             ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)
             self.assertEqual(ck["step"], 3)
             self.assertTrue({"model", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ck))
             train.main(["--stage", "sft", "--steps", "5", "--resume", "--dtype", "bfloat16"] + tiny)
+            # a new SFT model: the stages' results now come from another one, and the report refuses to mix them
+            with self.assertRaisesRegex(SystemExit, "eval_sft.json was made from another SFT model"):
+                train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=False)["step"], 5)
             with open(os.path.join(d, "log.txt")) as f:
                 log = f.read()
@@ -269,12 +287,14 @@ class TestPipeline(unittest.TestCase):
                     train.main(argv + ["--out_dir", d])
             with self.assertRaises(SystemExit):
                 train.main(["--stage", "sft", "--resume", "--out_dir", d])   # no tokenizer there yet
+            with self.assertRaisesRegex(SystemExit, r"run.json is missing; run `python train.py"):
+                train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             with self.assertRaises(SystemExit):
-                train.load_model(os.path.join(d, "missing.pt"), "cpu")
+                checkpoint.load_model(os.path.join(d, "missing.pt"), "cpu")
             bad = os.path.join(d, "other_vocab.pt")       # a checkpoint of another vocabulary
             torch.save({"model_config": {"vocab_size": 3}, "n_codes": 8}, bad)
             with self.assertRaisesRegex(SystemExit, "vocabulary of 3 tokens"):
-                train.load_model(bad, "cpu")
+                checkpoint.load_model(bad, "cpu")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 import data
-import train
+import pref
+import world
 from test_model import renders, tiny_model
 from model import PatchTokenizer
 
@@ -18,14 +19,14 @@ from model import PatchTokenizer
 def tiny_setup(n_pairs=24, seed=0):
     """A fitted tokenizer, a tiny random model and preference data built with it."""
     _, imgs = renders("train", 300)
-    tok = PatchTokenizer(512, 8, data.CANVAS)
+    tok = PatchTokenizer(512, 8, world.CANVAS)
     tok.fit(imgs)
     vocab = data.Vocab(512)
     model = tiny_model(vocab, seed)
     args = types.SimpleNamespace(device="cpu", dtype="float32", seed=seed, pairs=n_pairs, onpolicy=0.5,
                                  exists_frac=0.3, cooc=0.9, beta=0.1, grad_clip=1.0,
                                  length_matched=False)
-    P = train.build_pairs(model, tok, vocab, args, random.Random(seed))
+    P = pref.build_pairs(model, tok, vocab, args, random.Random(seed))
     P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
     return tok, vocab, model, args, P
 
@@ -36,16 +37,16 @@ class TestPairs(unittest.TestCase):
         rng = random.Random(0)
         companions = 0
         for i in range(400):
-            s = data.sample_scene(rng, "train")
+            s = world.sample_scene(rng, "train")
             p = data.constructed_pair(rng, s, "exists" if i % 4 == 0 else "caption")
             if p.question == ["describe"]:
-                self.assertEqual(data.hallucinated_mentions(s, p.chosen), 0)
-                self.assertEqual(data.parse_caption(p.chosen), [(o.colour, o.shape, o.cell) for o in s])
-                self.assertEqual(data.hallucinated_mentions(s, p.rejected), p.n_edits)   # every edit is an error
+                self.assertEqual(world.hallucinated_mentions(s, p.chosen), 0)
+                self.assertEqual(world.parse_caption(p.chosen), [(o.colour, o.shape, o.cell) for o in s])
+                self.assertEqual(world.hallucinated_mentions(s, p.rejected), p.n_edits)   # every edit is an error
                 self.assertIn(p.n_edits, (1, 2, 3))
                 kinds = {o.kind for o in s}
-                companions += any((c, sh) in data.COMPANION.values() and (c, sh) not in kinds
-                                  for c, sh, _ in data.parse_caption(p.rejected))
+                companions += any((c, sh) in world.COMPANION.values() and (c, sh) not in kinds
+                                  for c, sh, _ in world.parse_caption(p.rejected))
             else:
                 colour, shape = p.question[3], p.question[4]
                 truth = "yes" if (colour, shape) in {o.kind for o in s} else "no"
@@ -56,15 +57,15 @@ class TestPairs(unittest.TestCase):
     def test_length_matched_pairs(self):
         rng = random.Random(2)
         for _ in range(300):
-            s = data.sample_scene(rng, "train")
+            s = world.sample_scene(rng, "train")
             p = data.constructed_pair(rng, s, "caption", keep_length=True)
             self.assertEqual(len(p.rejected), len(p.chosen))
-            self.assertGreater(data.hallucinated_mentions(s, p.rejected), 0)
-            self.assertEqual(data.hallucinated_mentions(s, p.rejected), p.n_edits)
+            self.assertGreater(world.hallucinated_mentions(s, p.rejected), 0)
+            self.assertEqual(world.hallucinated_mentions(s, p.rejected), p.n_edits)
 
     def test_crop_keeps_1_to_20_percent(self):
         rng = random.Random(0)
-        img = data.render(data.sample_scene(rng, "train"))
+        img = world.render(world.sample_scene(rng, "train"))
         areas = []
         for _ in range(300):
             out, area = data.corrupt_image(rng, img)
@@ -80,17 +81,17 @@ class TestPairs(unittest.TestCase):
         self.assertEqual(len(P["pairs"]), 24)
         for p in P["pairs"]:
             if p.question == ["describe"]:
-                self.assertEqual(data.hallucinated_mentions(p.scene, p.chosen), 0)
-                self.assertGreater(data.hallucinated_mentions(p.scene, p.rejected), 0)
+                self.assertEqual(world.hallucinated_mentions(p.scene, p.chosen), 0)
+                self.assertGreater(world.hallucinated_mentions(p.scene, p.rejected), 0)
         # one corrupted image per pair, shared by policy and reference: the batch uses the stored codes
-        ids, _ = train.pair_batch(vocab, P, [0, 1], True, True)
+        ids, _ = pref.pair_batch(vocab, P, [0, 1], True, True)
         crop_row = ids[4].tolist()
         self.assertEqual(crop_row[2:11],
                          data.image_tokens(vocab, P["crop_codes"][0]))
         self.assertNotEqual(P["crop_codes"][0], P["codes"][0])
         # the cached reference log-probs equal a fresh computation, with and without images
         for images in (True, False):
-            fresh = torch.stack(train.pair_logps(model, vocab, P, [3, 5, 7], images, True, args)[:3], 1)
+            fresh = torch.stack(pref.pair_logps(model, vocab, P, [3, 5, 7], images, True, args)[:3], 1)
             torch.testing.assert_close(P[f"ref_{int(images)}"][[3, 5, 7]], fresh, rtol=1e-5, atol=1e-4)
         # DAMA's clause scores are probabilities over the clauses of both responses
         torch.testing.assert_close(P["scores"].sum(1), torch.ones(len(P["pairs"])))
@@ -98,11 +99,11 @@ class TestPairs(unittest.TestCase):
 
     def test_one_step_of_every_method(self):
         tok, vocab, model, args, P = tiny_setup(n_pairs=8)
-        for method in train.METHODS:
+        for method in pref.METHODS:
             policy = tiny_model(vocab, seed=1 if method == "dama" else 0).train()   # dama: margins != 0
             opt = torch.optim.SGD(policy.parameters(), lr=0.1)
             state = {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)}
-            loss, m = train.pref_step_loss(policy, vocab, P, list(range(8)), method, args, state)
+            loss, m = pref.pref_step_loss(policy, vocab, P, list(range(8)), method, args, state)
             opt.zero_grad()
             loss.backward()
             self.assertTrue(torch.isfinite(loss), method)
@@ -110,7 +111,7 @@ class TestPairs(unittest.TestCase):
             self.assertTrue(grads and any(float(g.abs().sum()) > 0 for g in grads), method)
             self.assertIn("rewards/accuracies", m)
             self.assertIn("logps/chosen", m)
-            if train.METHODS[method][0] == "mdpo":
+            if pref.METHODS[method][0] == "mdpo":
                 self.assertIn("rewards/imageless_margins", m)
             if method == "dama":
                 self.assertEqual(m["kept"], int(8 * 0.8))

@@ -8,18 +8,19 @@ import torch
 
 import data
 import probes
-import train
+import sft
+import world
 from model import PatchTokenizer
 
-PROBE_VOCAB = set(data.SYMBOLS) | set(data.NAMES) | set(data.PROBE_WORDS.split())
+PROBE_VOCAB = set(world.SYMBOLS) | set(world.NAMES) | set(world.PROBE_WORDS.split())
 
 
 def solve(p, fav):
     """An independent resolver of a probe's prompt words: the plain prompt it asks for."""
     w = p.prompt
     if p.family == "arithmetic":
-        a, b = data.NUMBERS.index(w[0]), data.NUMBERS.index(w[2])
-        return [data.NUMBERS[a + b if w[1] == "plus" else a - b]] + w[3:]
+        a, b = world.NUMBERS.index(w[0]), world.NUMBERS.index(w[2])
+        return [world.NUMBERS[a + b if w[1] == "plus" else a - b]] + w[3:]
     if p.family == "knowledge":
         return ["a", fav[w[4]][0], fav[w[0]][1]]
     rules = dict((r[0], r[2]) for r in (c.split() for c in " ".join(w[:-3]).split(",")) if r)
@@ -37,8 +38,8 @@ class TestProbes(unittest.TestCase):
     def test_favourites_are_distinct_and_never_held_out(self):
         for seed in range(5):
             fav = probes.favourites(seed)
-            self.assertEqual(len(set(fav.values())), len(data.NAMES))
-            self.assertFalse(set(fav.values()) & data.HELD_OUT)
+            self.assertEqual(len(set(fav.values())), len(world.NAMES))
+            self.assertFalse(set(fav.values()) & world.HELD_OUT)
         self.assertNotEqual(probes.favourites(0), probes.favourites(1))
 
     def test_labels_are_computed_right(self):
@@ -49,7 +50,7 @@ class TestProbes(unittest.TestCase):
                     p = probes.sample_probe(rng, fam, split, self.fav)
                     self.assertEqual(p.resolved, solve(p, self.fav), p.prompt)
                     if fam.startswith("symbols"):   # the rules always include a distractor shape
-                        self.assertEqual(sum(x in data.SHAPES for x in p.prompt), 2)
+                        self.assertEqual(sum(x in world.SHAPES for x in p.prompt), 2)
                         self.assertEqual(p.prompt.count("means"), 2 if fam == "symbols 1 hop" else 3)
         self.assertTrue(all(2 <= r <= 5 and 1 <= a <= 5 and 1 <= b <= 5 for a, _, b, r in probes.EXPRESSIONS))
 
@@ -59,16 +60,16 @@ class TestProbes(unittest.TestCase):
             p = probes.sample_probe(rng, fam, "test", self.fav)
             words = p.resolved
             if p.task == "counting":
-                n = data.NUMBERS.index(words[0])
-                shape = next(s for s, pl in data.PLURAL.items() if pl == words[2])
-                good = tuple(data.Obj(words[1], shape, c) for c in data.CANONICAL[n])
+                n = world.NUMBERS.index(words[0])
+                shape = next(s for s, pl in world.PLURAL.items() if pl == words[2])
+                good = tuple(world.Obj(words[1], shape, c) for c in world.CANONICAL[n])
                 bad = good[:-1]                                   # one object short
             else:
-                good = (data.Obj(words[1], words[2], 4),)
-                other = next(s for s in data.SHAPES if s != words[2])
-                bad = (data.Obj(words[1], other, 4),)
-            self.assertTrue(p.correct(data.render(good)), fam)
-            self.assertFalse(p.correct(data.render(bad)), fam)
+                good = (world.Obj(words[1], words[2], 4),)
+                other = next(s for s in world.SHAPES if s != words[2])
+                bad = (world.Obj(words[1], other, 4),)
+            self.assertTrue(p.correct(world.render(good)), fam)
+            self.assertFalse(p.correct(world.render(bad)), fam)
 
     def test_held_out_probes_are_never_taught_or_self_trained(self):
         """The split is by the probe's key (rules in any order, distractor ignored): no CoT rewrite
@@ -79,8 +80,8 @@ class TestProbes(unittest.TestCase):
         self.assertTrue(all(sum(k[0] == f for k in test_keys) >= 5 for f in probes.FAMILIES))
         # arithmetic and knowledge are finite: every training prompt, enumerated, is outside the test keys
         for a, op, b, r in probes.EXPRESSIONS:
-            for colour, shape in data.TRAIN_KINDS:
-                key = ("arithmetic", data.NUMBERS[a], op, data.NUMBERS[b], colour, data.PLURAL[shape])
+            for colour, shape in world.TRAIN_KINDS:
+                key = ("arithmetic", world.NUMBERS[a], op, world.NUMBERS[b], colour, world.PLURAL[shape])
                 self.assertEqual(probes.in_probe_test(key), key in test_keys)
         train_keys = set()
         for _ in range(5000):
@@ -95,21 +96,21 @@ class TestProbes(unittest.TestCase):
         self.assertEqual({p.family for p in selfp}, set(probes.FAMILIES))
         self.assertFalse({key_of(p.family, p.prompt) for p in selfp} & test_keys)
         self.assertTrue(all(p.name is None for p in selfp))   # one person named twice is always held out
-        self.assertEqual({p.name for p in test if p.name}, set(data.NAMES))
+        self.assertEqual({p.name for p in test if p.name}, set(world.NAMES))
 
     def test_generation_never_trains_on_a_probe_prompt(self):
         """Token-level: in SFT and in the probes' fact fine-tuning, no generation sequence (one holding
         <gen>) contains a probe word, while understanding sequences do; self-training's generation
         sequences hold training probe prompts only."""
-        tok = PatchTokenizer(64, 8, data.CANVAS)
+        tok = PatchTokenizer(64, 8, world.CANVAS)
         tok.codebook.copy_(torch.rand(64, 192))
         vocab = data.Vocab(tok.n_codes)
-        args = Namespace(batch_size=24, und_frac=0.75, caption_noise=1.0, cooc=data.COOC, cfg_drop=0.1, turns=4, device="cpu")
+        args = Namespace(batch_size=24, und_frac=0.75, caption_noise=1.0, cooc=world.COOC, cfg_drop=0.1, turns=4, device="cpu")
         rng = random.Random(3)
         facts = lambda r, n: probes.encode_facts(tok, vocab, [probes.fact_example(r, self.fav) for _ in range(n)])
         seen_und = 0
         for step in range(30):
-            ids, _, _ = train.sft_batch(rng, tok, vocab, args, extra=facts(rng, 24) if step % 2 else ())
+            ids, _, _ = sft.sft_batch(rng, tok, vocab, args, extra=facts(rng, 24) if step % 2 else ())
             for row in ids.tolist():
                 has = bool(PROBE_VOCAB & set(vocab.decode(row)))
                 self.assertFalse(has and vocab.gen in row, vocab.decode(row))

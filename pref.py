@@ -1,0 +1,265 @@
+"""
+Stage 3: preference optimisation for understanding. DPO, mDPO, DAMA and the papers' controls,
+each trained from the same SFT model on the same pairs, then compared on the hallucination
+benchmark (eval.hallucination).
+
+    python train.py --stage pref                     # every method x --pref_seeds, from out/sft.pt
+    python train.py --stage pref --method mdpo       # one method
+
+The pairs carry everything the losses need, computed once: the codes of the real and of the
+corrupted image, the frozen reference's log-probs, and DAMA's clause scores.
+"""
+import copy
+import json
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+import data
+import eval as evaluation
+import report
+import world
+from checkpoint import file_digest, load_model, log, save_atomic, seed_everything
+from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
+from model import amp_context, chunked_logps, lengths
+
+# method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
+METHODS = {
+    "dpo": ("dpo", True, {}),
+    "mdpo": ("mdpo", True, {}),
+    "dama": ("dama", True, {}),
+    "dpo_noimage": ("dpo", False, {}),       # mDPO's "unconditional preference" control
+    "mdpo_nocond": ("mdpo", True, {"use_conditional": False}),
+    "mdpo_noanchor": ("mdpo", True, {"use_anchor": False}),
+}
+
+# -----------------------------------------------------------------------------
+# stage 3: preference optimisation for understanding (DPO, mDPO, DAMA and the controls)
+
+def build_pairs(model, tok, vocab, args, rng):
+    """Preference pairs on held-in training scenes, with everything the losses need precomputed:
+    the codes of the real and of the corrupted image, the frozen reference's log-probs (computed
+    ONCE here, then cached) and DAMA's clause scores. Returns a dict of lists and tensors."""
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    n_on = int(round(args.pairs * args.onpolicy))
+    pairs = []
+    # on-policy: sample 4 captions per scene from the SFT model at T=1, judge them exactly, and pair a
+    # faithful one (no hallucinated mention) with a hallucinating one, as RLAIF-V-style data is made
+    scenes = [world.sample_scene(rng, "train", cooc=args.cooc) for _ in range(2 * n_on)]
+    exs = [data.Example("caption", s, ["describe"], []) for s in scenes for _ in range(4)]
+    preds = evaluation.answer(model, tok, vocab, exs, args.device, args.dtype, temperature=1.0, generator=g)
+    for i, s in enumerate(scenes):
+        cands = preds[4 * i: 4 * i + 4]
+        # faithful = well formed (every clause parses) and no hallucinated mention
+        good = [p for p in cands if world.parse_caption(p) and len(world.parse_caption(p)) == len(world.clauses(p))
+                and world.hallucinated_mentions(s, p) == 0]
+        bad = [p for p in cands if world.hallucinated_mentions(s, p) > 0]
+        if args.length_matched and good:   # only hallucinating samples as long as the faithful one
+            bad = [p for p in bad if len(p) == len(good[0])]
+        if good and bad and len(pairs) < n_on:
+            pairs.append(data.Pair(s, ["describe"], good[0], bad[0], "on-policy"))
+    n_policy = len(pairs)   # scenes where the model was always right or always wrong give no pair
+    while len(pairs) < args.pairs:
+        task = "exists" if rng.random() < args.exists_frac else "caption"
+        pairs.append(data.constructed_pair(rng, world.sample_scene(rng, "train", cooc=args.cooc), task,
+                                           args.length_matched))
+    imgs = np.stack([world.render(p.scene) for p in pairs])
+    crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])   # ONE crop per pair, for policy and reference
+    P = {"pairs": pairs, "codes": tok.encode(imgs).tolist(), "crop_codes": tok.encode(crops).tolist(),
+         "n_onpolicy": n_policy}
+    for images in (True, False):   # reference log-probs with the images, and without (the no-image control)
+        P[f"ref_{int(images)}"] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
+    P["scores"] = clause_scores(model, vocab, P, args)
+    return P
+
+
+def pair_batch(vocab, P, idx, images, corrupted):
+    """The chosen, rejected (and corrupted-condition chosen: the cropped image, or for generation
+    the changed prompt) sequences of pairs `idx`, collated into ONE batch (3B or 2B rows) for
+    one concatenated forward pass."""
+    seqs = [[], [], []]
+    for i in idx:
+        if P.get("task") == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
+            p = P["pairs"][i]
+            seqs[0].append(data.gen_sequence(vocab, p.chosen, p.prompt))
+            seqs[1].append(data.gen_sequence(vocab, p.rejected, p.prompt))
+            seqs[2].append(data.gen_sequence(vocab, p.chosen, p.corrupted))
+            continue
+        p, c, k = P["pairs"][i], P["codes"][i], P["crop_codes"][i]
+        if not images:   # the unconditional control: every image removed from the preference data
+            c = k = []
+        seqs[0].append(data.und_sequence(vocab, c, p.question, p.chosen))
+        seqs[1].append(data.und_sequence(vocab, c, p.question, p.rejected))
+        seqs[2].append(data.und_sequence(vocab, k, p.question, p.chosen))
+    ids, labels = data.collate(seqs[0] + seqs[1] + (seqs[2] if corrupted else []), vocab.pad)
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def pair_logps(model, vocab, P, idx, images, corrupted, args):
+    """(chosen, rejected, corrupted chosen or None) summed log-probs of pairs `idx`, each (B,)."""
+    ids, labels = pair_batch(vocab, P, idx, images, corrupted)
+    with amp_context(args.device, args.dtype):
+        logps = chunked_logps(model, ids.to(args.device), labels.to(args.device))   # (2B or 3B,)
+    parts = logps.split(len(idx))
+    return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum())
+
+
+@torch.no_grad()
+def reference_logps(ref, vocab, P, idx, images, args, batch=256):
+    """(N, 3) float32: the frozen reference's log-probs of chosen, rejected, corrupted chosen."""
+    idx, out = list(idx), []
+    for k in range(0, len(idx), batch):
+        out.append(torch.stack(pair_logps(ref, vocab, P, idx[k:k + batch], images, True, args)[:3], 1).float())
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def clause_scores(ref, vocab, P, args):
+    """DAMA's data-aware scores, our stand-in for CLIP: every clause (one object) of both responses
+    is scored by the frozen reference's log-likelihood of that clause given the image and the
+    clauses before it (in context: scored alone, every clause would be judged as the FIRST
+    object of a caption), per token; a softmax over the clauses of BOTH responses turns these
+    into probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
+    seqs, owner = [], []
+    for i, (p, c) in enumerate(zip(P["pairs"], P["codes"])):
+        prompt = data.und_prompt(vocab, c, p.question)
+        for side, words in enumerate((p.chosen, p.rejected)):
+            before = []
+            for cl in world.clauses(words):
+                context, target = prompt + vocab.encode(before), vocab.encode(cl)
+                seqs.append((context + target, [-100] * len(context) + target))
+                owner.append((i, side))
+                before += cl + [","]
+    per_token = evaluation.mean_token_logps(ref, vocab, seqs, args.device, args.dtype)   # (clauses,)
+    pair_of = torch.tensor([i for i, _ in owner])
+    side_of = torch.tensor([s for _, s in owner])
+    # softmax over the clauses of each pair (both responses together), then sum per response
+    shifted = per_token - torch.zeros(len(P["pairs"])).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
+    e = shifted.exp()
+    prob = e / torch.zeros(len(P["pairs"])).index_add(0, pair_of, e)[pair_of]
+    return torch.zeros(len(P["pairs"]), 2).index_put((pair_of, side_of), prob, accumulate=True)
+
+
+def pref_step_loss(policy, vocab, P, idx, method, args, state):
+    """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA."""
+    kind, images, opts = METHODS[method]
+    corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
+    pc, pr, pk, ntok = pair_logps(policy, vocab, P, idx, images, corrupted, args)
+    ref = P[f"ref_{int(images)}"][idx].to(pc.device)                              # (B, 3), cached
+    rc, rr, rk = ref.unbind(1)
+    m = {}
+    if kind == "dpo":
+        losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=args.beta)
+        loss = losses.mean()
+    elif kind == "mdpo":
+        losses, cr, rj, kr = mdpo_loss(pc, pr, rc, rr, pk, rk, beta=args.beta, **opts)
+        loss = losses.mean()
+        m["rewards/imageless_chosen"] = kr.mean().item()
+        m["rewards/imageless_margins"] = (cr - kr).mean().item()
+        m["rewards/imageless_accuracies"] = (cr > kr).float().mean().item()
+    else:
+        s = P["scores"][idx].to(pc.device)
+        losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
+            pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
+            score_gap_mean=P["score_gap_mean"], generator=state["generator"])
+        loss = (losses * keep).sum() / keep.sum()
+        m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
+    m.update(preference_metrics(cr, rj))
+    # the plain DPO loss at the base beta, whatever the method: ln 2 at policy == reference
+    m["dpo_loss"] = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=args.beta)[0].mean().item()
+    m["logps/chosen"], m["logps/rejected"] = pc.mean().item(), pr.mean().item()
+    m["tokens"] = ntok
+    return loss, m
+
+
+def train_pref(args, method, P, sft_path):
+    """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
+    (its log-probs are already cached in P). Writes out_dir/pref_<method>_s<seed>.pt; returns its path
+    and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...)."""
+    policy, tok, vocab, ck = load_model(sft_path, args.device)
+    policy.train()
+    seed_everything(args.seed)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(args.seed)
+    state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
+    order, t_log, hist, curve = [], time.perf_counter(), [], []
+    for step in range(1, args.pref_steps + 1):
+        if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
+            order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+        idx, order = order[:args.pref_batch], order[args.pref_batch:]
+        for g in opt.param_groups:
+            g["lr"] = args.pref_lr * min(1.0, step / 10)
+        loss, m = pref_step_loss(policy, vocab, P, idx, method, args, state)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        opt.step()
+        hist.append({"loss": loss.item(), **m})
+        curve.append({"step": step, **hist[-1]})
+        if step % args.log_every == 0 or step == args.pref_steps:
+            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0] if k != "tokens"}
+            dt = time.perf_counter() - t_log
+            log(args, f"pref {method} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
+                + f" | {1000 * dt / len(hist):.0f} ms/step | {sum(h['tokens'] for h in hist) / dt:.0f} tok/s")
+            hist, t_log = [], time.perf_counter()
+    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+    save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
+                 "config": vars(args), "method": method}, path)
+    return path, curve
+
+
+def preference_data(args, sft_path):
+    """The pairs of --seed (every method of that seed trains on the same pairs)."""
+    ref, tok, vocab, _ = load_model(sft_path, args.device)
+    t0 = time.perf_counter()
+    P = build_pairs(ref, tok, vocab, args, random.Random(args.seed))
+    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())   # DAMA's dbar, measured
+    log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
+              f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
+    return P
+
+
+def compare(args):
+    """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
+    with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
+    sft = os.path.join(args.out_dir, "sft.pt")
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    seeds = [args.seed + i for i in range(args.pref_seeds)]
+    stats = world.training_statistics(cooc=args.cooc)
+    t0 = time.perf_counter()
+
+    def bench(path):
+        model, tok, vocab, _ = load_model(path, args.device)
+        return evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
+
+    rows, curves = {"sft": [bench(sft)]}, {}
+    for seed in seeds:
+        a = copy.copy(args)
+        a.seed = seed
+        P = preference_data(a, sft)
+        for m in methods:
+            t = time.perf_counter()
+            path, curve = train_pref(a, m, P, sft)
+            rows.setdefault(m, []).append(bench(path))
+            curves.setdefault(m, []).append(curve)
+            log(args, f"pref {m} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
+    table = evaluation.compare_table(rows)
+    seconds = time.perf_counter() - t0
+    head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
+            f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
+            f"lr {args.pref_lr} | {args.eval_n} held-out scenes per split | {args.device} | {seconds:.0f} s\n\n")
+    with open(os.path.join(args.out_dir, "compare.md"), "w") as f:
+        f.write(head + table)
+    with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
+        json.dump({"sft_digest": file_digest(sft), "seconds": seconds, "seeds": seeds, "config": vars(args),
+                   "rows": {k: [{s: r[s] for s in ("test", "bias")} for r in v] for k, v in rows.items()},
+                   "curves": curves}, f, indent=1)
+    if "mdpo" in rows:
+        report.compare_picture(os.path.join(args.out_dir, "compare.png"),
+                               rows["sft"][0]["bias_samples"], rows["mdpo"][0]["bias_samples"])
+    print(head + table)
+    return rows
