@@ -6,7 +6,7 @@ Evaluate a checkpoint exactly against the world's ground truth; no model judges 
 Understanding, on held-out 'test' scenes (ordinary), 'bias' scenes (an anchor without its
 companion) and 'combo' scenes (held-out colour+shape combinations): answer accuracy per question
 type, caption exact match, per-object precision / recall, and hallucination of captions
-(CHAIR_i, CHAIR_s, Cover; definitions in the README). Generation, GenEval-style with the scene
+(CHAIR_i, CHAIR_s, Cover; defined in caption_scores and in the README). Generation, GenEval-style with the scene
 parser as the detector: six tasks and their unweighted mean, greedy and at temperature 1.0.
 The hallucination benchmark of the preference stage (`hallucination`, `compare_table`) is
 run by `python train.py --stage pref`.

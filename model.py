@@ -9,7 +9,7 @@ text tokens and discrete image codes (Chameleon-style early fusion, arXiv:2405.0
 The tokenizer is vector quantisation (VQ) with an IDENTITY encoder and decoder: each 8x8x3
 pixel patch (one grid cell; 4x4 with --patch 4, 36 codes) is replaced by the nearest vector of a codebook fitted by k-means. A VQ-VAE learns
 the encoder and decoder too; in this world of flat colours the identity is already lossless
-once the codebook holds every patch that occurs (README, "The image tokenizer").
+once the codebook holds every patch that occurs (FINDINGS.md, "The image tokenizer").
 """
 import math
 from contextlib import nullcontext
@@ -178,7 +178,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.apply(self._init_weights)
         # embeddings start at std 0.1, not GPT-2's 0.02: with 0.02 this small model sat on a long
-        # plateau before its attention found the image tokens (README, "What we measured")
+        # plateau before its attention found the image tokens (FINDINGS.md, "SFT recipe")
         nn.init.normal_(self.wte.weight, std=0.1)
         nn.init.normal_(self.wpe.weight, std=0.1)
         for name, p in self.named_parameters():                       # GPT-2 scaled residual init

@@ -22,9 +22,9 @@ from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, le
 
 # SFT's first --primer steps ask only these. Count and yes/no questions need the question's words
 # to find image tokens by content (the colour question builds that); with captions from the start
-# they sat at their prior (count "one", exists chance) for all 3500 steps in session 7's runs.
-# Shape questions are left out: they stuck at "nothing" whenever the start had no captions, and
-# with the primer they are the slowest to learn (README, "What we measured", sessions 7 and 8).
+# they sat at their prior (count "one", exists chance) for all 3500 steps. Shape questions are
+# left out: they stuck at "nothing" whenever the start had no captions, and with the primer they
+# are the slowest to learn (FINDINGS.md, "SFT recipe").
 # (A colour question about a scene where no shape is unique becomes a shape question, data.und_example:
 # ~10% of colour questions, so ~3% of the primer's questions are about shape.)
 PRIMER_TASKS = ("colour", "count", "exists")
@@ -92,8 +92,8 @@ def sft_loss(model, ids, labels, task, und_loss="tokens"):
     modalities' losses, so that neither one's token count decides its weight). task: (B,) as from
     sft_batch. Inside understanding (--und_loss): 'tokens' = one mean over all answer tokens, so a
     caption (~17 targets) weighs ~2x a sequence of four short questions (8); 'tasks' = the mean of each task's token
-    mean; 'groups' = the mean of two means, captions and short questions (README, "What we
-    measured"). Built on the same per-sequence log-prob sum that the preference losses use."""
+    mean; 'groups' = the mean of two means, captions and short questions (FINDINGS.md, "SFT
+    recipe"). Built on the same per-sequence log-prob sum that the preference losses use."""
     logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
     ntok = (labels[:, 1:] != -100).sum(1)                               # (B,) labelled tokens
 
@@ -132,7 +132,7 @@ def sft_lr(step, args):
     --decay fraction of the steps, then a cosine down to 10% of the peak. Each question type
     escapes its plateau at a step that varies from run to run; with the cosine over the whole
     run (--decay 1) the late ones met a learning rate at a quarter of the peak, and in two
-    seeds of three shape questions did not escape in time (README, "What we measured", session 9)."""
+    seeds of three shape questions did not escape in time (FINDINGS.md, "SFT recipe")."""
     frac = min(1.0, (step + 1) / args.warmup)
     tail = max(0.0, (step - (1 - args.decay) * args.steps) / (args.decay * args.steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, tail)))

@@ -1,21 +1,21 @@
 """
-Train the unified model, end to end. With no arguments it runs the whole pipeline:
+The command line of unipref: every setting is a flag here, and the pipeline runs top to bottom.
 
-    python train.py                                  # tokenizer -> sft -> eval -> pref -> joint -> probe
+    python train.py                                  # tokenizer -> sft -> eval -> pref -> joint -> probe -> report
     python train.py --preset quick --steps 50        # a tiny CPU run
     python train.py --stage sft --resume             # continue an interrupted SFT run
     python train.py --stage pref --method mdpo       # one preference run from out/sft.pt
     python train.py --stage joint                    # do understanding and generation fight?
     python train.py --stage probe                    # does understanding inform generation?
+    python train.py --stage report                   # rebuild out/report.md from the stages' outputs
 
-Stages: `tokenizer` fits the VQ codebook; `sft` trains understanding and generation jointly;
-`eval` runs eval.py on the SFT checkpoint; `pref` builds preference pairs and trains DPO,
-mDPO, DAMA and the papers' controls from the SFT model, then compares them on the
-hallucination benchmark; `joint` adds preference optimisation for generation and joint
+Stages (each in its own module): `tokenizer` fits the VQ codebook and `sft` trains understanding
+and generation jointly (sft.py); `eval` scores the SFT checkpoint (eval.py); `pref` trains DPO,
+mDPO, DAMA and the papers' controls from the SFT model and compares them on the hallucination
+benchmark (pref.py); `joint` adds preference optimisation for generation and joint
 understanding + generation training, with gradient diagnostics (joint.py); `probe` asks whether
-facts taught through understanding reach generation, directly, via chain-of-thought and after
-self-training (probes.py). Everything lands in
---out_dir (checkpoints, log.txt, results).
+facts taught through understanding reach generation (probes.py); `report` writes out/report.md,
+out/report.json and out/curves.png (report.py). Everything lands in --out_dir.
 """
 import argparse
 import json
@@ -70,7 +70,7 @@ parser.add_argument("--caption_noise", type=float, default=1.0,
 # tokenizer
 parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
                     help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
-                         "4 = a cell is 2x2 tokens (36 per image; much slower to learn, see README)")
+                         "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
 parser.add_argument("--n_codes", type=int, default=None, help="VQ codebook size (default 512 for patch 8, 1024 for 4)")
 parser.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
 # model (None = from the preset)

@@ -7,7 +7,7 @@ A scene is a tuple of objects on a 3x3 grid of named 8x8-pixel cells of a 24x24 
 object has a colour, a shape, a cell and a +-1 pixel jitter. Generation prompts that do not name
 positions ("a red circle and a blue square") place their objects in canonical cells, like the
 pips of a die, so that a prompt determines its image up to jitter. The world is built to make a small model
-HALLUCINATE like real multimodal models do (see the README, "The world"):
+HALLUCINATE like real multimodal models do (README, "The world"):
   (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~35% of the training
       scenes it is in, by any other kind in ~13% (COOC = 0.3);
       the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
