@@ -5,6 +5,7 @@ or writes a .pt file goes through here.
 """
 import hashlib
 import os
+import pickle
 import random
 
 import numpy as np
@@ -36,35 +37,91 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def writable(out_dir):
+    """Create out_dir if needed and make sure files can be written there, before any work starts."""
+    probe = os.path.join(out_dir, ".write_test.tmp")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise Refused(f"error: cannot write to out_dir {out_dir}: {e.strerror or e}") from None
+
+
 def log(args, line):
     tqdm.write(line)
     with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
         f.write(line + "\n")
 
 
+class Refused(SystemExit):
+    """Bad input, said in one line that names the file and the problem. The entry points print it
+    and exit with status 2; nothing in out/ has been written when it is raised."""
+
+
+def read_checkpoint(path, device, keys, what="checkpoint"):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a
+    pickle that would call a function (open a file, run a command) is refused before it runs.
+    Every failure is a Refused naming the file."""
+    if not os.path.exists(path):
+        raise Refused(f"error: no {what} at {path}")
+    if os.path.getsize(path) == 0:
+        raise Refused(f"error: {path} is empty, not a {what}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):   # a GLOBAL opcode: the pickle names a function or class to call
+            raise Refused(f"error: {path} is refused: it names {str(e).split('GLOBAL ')[-1].split()[0]}, which "
+                          f"a {what} never holds, and loading it would run code (only tensors, numbers, "
+                          f"strings and containers are loaded)") from None
+        raise Refused(f"error: {path} is not a readable {what} (not written by torch.save)") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as e:
+        raise Refused(f"error: {path} is not a readable {what} (truncated, or not written by torch.save): "
+                      f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}") from None
+    require(ck, keys, path, what)
+    return ck
+
+
+def require(ck, keys, path, what="checkpoint"):
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise Refused(f"error: {path} is not a unipref {what}: it lacks {', '.join(missing)}")
+
+
 def load_tokenizer(path, device):
     if not os.path.exists(path):
-        raise SystemExit(f"error: no tokenizer at {path}; run `python train.py --stage tokenizer` first")
-    ck = torch.load(path, map_location=device)
+        raise Refused(f"error: no tokenizer at {path}; run `python train.py --stage tokenizer` first")
+    ck = read_checkpoint(path, device, ("tokenizer", "n_codes", "patch"), "tokenizer")
     tok = PatchTokenizer(ck["n_codes"], ck["patch"], world.CANVAS).to(device)
-    tok.load_state_dict(ck["tokenizer"])
+    _load_state(tok, ck["tokenizer"], path)
     return tok
 
 
 def load_model(path, device):
     """A checkpoint -> (model in eval mode, tokenizer, vocab, checkpoint dict)."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: no checkpoint at {path}")
-    ck = torch.load(path, map_location=device, weights_only=False)
+    ck = read_checkpoint(path, device, ("model_config", "n_codes"))
     vocab = data.Vocab(ck["n_codes"])
-    if ck["model_config"]["vocab_size"] != vocab.size:
-        raise SystemExit(f"error: {path} has a vocabulary of {ck['model_config']['vocab_size']} tokens, this "
-                         f"code's has {vocab.size}; it was trained by another version: retrain it")
-    model = GPT(GPTConfig(**ck["model_config"])).to(device)
-    model.load_state_dict(ck["model"])
+    if ck["model_config"].get("vocab_size") != vocab.size:
+        raise Refused(f"error: {path} has a vocabulary of {ck['model_config'].get('vocab_size')} tokens, this "
+                      f"code's has {vocab.size}; it was trained by another version: retrain it")
+    require(ck, ("model", "patch", "tokenizer"), path)
+    try:
+        model = GPT(GPTConfig(**ck["model_config"])).to(device)
+    except TypeError as e:
+        raise Refused(f"error: {path} has a model configuration this code does not know: {e}") from None
+    _load_state(model, ck["model"], path)
     tok = PatchTokenizer(ck["n_codes"], ck["patch"], world.CANVAS).to(device)
-    tok.load_state_dict(ck["tokenizer"])
+    _load_state(tok, ck["tokenizer"], path)
     return model.eval(), tok, vocab, ck
+
+
+def _load_state(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise Refused(f"error: {path} does not fit this code's {type(module).__name__}: "
+                      f"{str(e).splitlines()[0][:160]}") from None
 
 
 def file_digest(path):

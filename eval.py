@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import random
+import sys
 import time
 from collections import defaultdict
 
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 import data
 import report
 import world
-from checkpoint import file_digest, load_model, pick_device
+from checkpoint import Refused, file_digest, load_model, pick_device, writable
 from losses import sequence_logps
 from model import amp_context
 
@@ -332,7 +333,7 @@ def kv_cache_speedup(model, tok, vocab, args, n=256):
     return {"cached_s": t[True], "uncached_s": t[False], "speedup": t[False] / t[True], "images": n}
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="out/sft.pt", help="checkpoint written by train.py")
     p.add_argument("--out_dir", default=None, help="where results go (default: beside the checkpoint)")
@@ -343,14 +344,23 @@ if __name__ == "__main__":
     p.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples")
     p.add_argument("--compare", action="store_true",
                    help="rebuild the preference comparison from every checkpoint in the checkpoint's directory")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.device == "auto":
         a.device = pick_device()
     if a.eval_n <= 0:
         p.error(f"--eval_n must be positive, got {a.eval_n}")
     a.out_dir = a.out_dir or os.path.dirname(os.path.abspath(a.ckpt))
+    load_model(a.ckpt, a.device)        # a bad checkpoint is refused before anything is written
+    writable(a.out_dir)
     torch.manual_seed(a.eval_seed)
     if a.compare:
-        rebuild_comparison(os.path.dirname(os.path.abspath(a.ckpt)), a)
-    else:
-        run(a.ckpt, a)
+        return rebuild_comparison(os.path.dirname(os.path.abspath(a.ckpt)), a)
+    return run(a.ckpt, a)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Refused as e:   # bad input: one line, no traceback
+        print(e, file=sys.stderr)
+        sys.exit(2)

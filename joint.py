@@ -39,7 +39,7 @@ import eval as evaluation
 import pref
 import report
 import world
-from checkpoint import file_digest, load_model, log, seed_everything
+from checkpoint import Refused, file_digest, load_model, log, seed_everything
 
 # row of the trade-off table -> (strategy, generation method, generation pairs)
 ROWS = {
@@ -125,7 +125,7 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
         tasks = [t for t in tasks if t not in asked or wrong[t] >= 0.01 * asked[t]] or tasks
     for kind, pairs in out.items():
         if not pairs:
-            raise SystemExit(f"error: no {kind} generation pairs: the SFT model never made a mistake "
+            raise Refused(f"error: no {kind} generation pairs: the SFT model never made a mistake "
                              f"at temperature {args.gen_temperature}; raise --gen_temperature or --gen_k")
     return out
 
@@ -337,7 +337,7 @@ def study(args):
     rows_wanted = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows_wanted if r not in ROWS]
     if unknown:
-        raise SystemExit(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
+        raise Refused(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
     model, tok, vocab, _ = load_model(sft, args.device)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 import data
 import world
-from checkpoint import file_digest
+from checkpoint import Refused, file_digest
 
 # the stage outputs the report is made of: (file stem, stage that writes it, heading)
 SECTIONS = (("eval_sft", "eval", "SFT"),
@@ -212,7 +212,7 @@ def record_stage(args, stage, seconds, argv=None):
     run = _read_json(path) if os.path.exists(path) else {"stages": {}}
     run["stages"][stage] = {"seconds": seconds, "commit": _commit(), "device": _device(args.device),
                             "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "finished": _now(),
-                            "command": "python train.py " + " ".join(argv if argv is not None else ["--stage", stage])}
+                            "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])])}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(run, f, indent=1)
@@ -228,13 +228,13 @@ def _read_json(path):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path}: {e}")
+        raise Refused(f"error: cannot read {path}: {e}")
 
 
 def _need(out_dir, name, stage):
     path = os.path.join(out_dir, name)
     if not os.path.exists(path):
-        raise SystemExit(f"error: {path} is missing; run `python train.py --stage {stage}` "
+        raise Refused(f"error: {path} is missing; run `python train.py --stage {stage}` "
                          f"(or the whole `python train.py`) first")
     return path
 
@@ -250,7 +250,7 @@ def write(out_dir):
             md[stem] = f.read().strip()
         made_from = results[stem].get("digest" if stem == "eval_sft" else "sft_digest")
         if made_from != sft:
-            raise SystemExit(f"error: {os.path.join(out_dir, stem + '.json')} was made from another SFT model "
+            raise Refused(f"error: {os.path.join(out_dir, stem + '.json')} was made from another SFT model "
                              f"(digest {made_from}; {os.path.join(out_dir, 'sft.pt')} is {sft}): "
                              f"rerun `python train.py --stage {stage}`")
     curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"], results["study"]["curves"])

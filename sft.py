@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import data
 import world
-from checkpoint import load_tokenizer, log, save_atomic
+from checkpoint import Refused, load_tokenizer, log, read_checkpoint, save_atomic
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths
 
 
@@ -156,13 +156,13 @@ def train_sft(args):
     path = os.path.join(args.out_dir, "sft.pt")
     if args.resume:
         if not os.path.exists(path):
-            raise SystemExit(f"error: --resume given but {path} does not exist")
-        ck = torch.load(path, map_location=args.device, weights_only=False)
+            raise Refused(f"error: --resume given but {path} does not exist")
+        ck = read_checkpoint(path, args.device, ("model", "optimizer", "step", "rng"), "SFT checkpoint")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
         rng.setstate(ck["rng"]["data"])
-        torch.set_rng_state(ck["rng"]["torch"])
+        torch.set_rng_state(ck["rng"]["torch"].cpu())   # the CPU generator's state is a CPU tensor
         log(args, f"sft | resumed at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     peak = matmul_peak_flops(args.device)

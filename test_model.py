@@ -267,14 +267,14 @@ class TestPipeline(unittest.TestCase):
             train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             with open(os.path.join(d, "report.md")) as f:
                 self.assertEqual(f.read(), text)
-            ck = torch.load(os.path.join(d, "sft.pt"), weights_only=False)
+            ck = torch.load(os.path.join(d, "sft.pt"), weights_only=True)
             self.assertEqual(ck["step"], 3)
             self.assertTrue({"model", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ck))
             train.main(["--stage", "sft", "--steps", "5", "--resume", "--dtype", "bfloat16"] + tiny)
             # a new SFT model: the stages' results now come from another one, and the report refuses to mix them
             with self.assertRaisesRegex(SystemExit, "eval_sft.json was made from another SFT model"):
                 train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
-            self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=False)["step"], 5)
+            self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=True)["step"], 5)
             with open(os.path.join(d, "log.txt")) as f:
                 log = f.read()
             self.assertIn("resumed at step 3", log)

@@ -32,7 +32,7 @@ import probes
 import report
 import sft
 import world
-from checkpoint import log, pick_device, seed_everything
+from checkpoint import Refused, log, pick_device, seed_everything, writable
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
@@ -182,7 +182,7 @@ def resolve(args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = resolve(parser.parse_args(argv))
-    os.makedirs(args.out_dir, exist_ok=True)
+    writable(args.out_dir)
     seed_everything(args.seed)
     print(json.dumps(vars(args), indent=1))
     if args.stage == "report":
@@ -202,5 +202,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Refused as e:   # bad input: one line, no traceback
+        print(e, file=sys.stderr)
+        sys.exit(2)
 
