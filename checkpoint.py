@@ -4,6 +4,7 @@ writes, and loading a checkpoint back as (model, tokenizer, vocabulary). Everyth
 or writes a .pt file goes through here.
 """
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -122,6 +123,17 @@ def _load_state(module, state, path):
     except (RuntimeError, TypeError, AttributeError) as e:
         raise Refused(f"error: {path} does not fit this code's {type(module).__name__}: "
                       f"{str(e).splitlines()[0][:160]}") from None
+
+
+def settings(args):
+    """The settings a run's outputs depend on: every flag but which stage runs and --resume, as JSON types."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("stage", "resume")}))
+
+
+def differences(old, new):
+    """'--beta 0.1 -> 0.2, ...' for the settings that differ ('' if none)."""
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"--{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
 
 
 def file_digest(path):

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 import data
 import world
-from checkpoint import Refused, file_digest
+from checkpoint import Refused, differences, file_digest, settings
 
 # the stage outputs the report is made of: (file stem, stage that writes it, heading)
 SECTIONS = (("eval_sft", "eval", "SFT"),
@@ -206,17 +206,73 @@ def _device(device):
             f"torch {torch.__version__}")
 
 
+# the outputs each stage leaves in out_dir: present, and from today's SFT model, or the stage runs again
+STAGE_OUTPUTS = {"tokenizer": ("tokenizer.pt",), "sft": ("sft.pt",), "eval": ("eval_sft.json", "eval_sft.md"),
+                 "pref": ("compare.json", "compare.md"), "joint": ("study.json", "study.md"),
+                 "probe": ("probes.json", "probes.md")}
+
+
+def _load_run(out_dir):
+    path = os.path.join(out_dir, "run.json")
+    return _read_json(path) if os.path.exists(path) else {"stages": {}}
+
+
+def _save_run(out_dir, run):
+    path = os.path.join(out_dir, "run.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(run, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def begin_stage(args, stage):
+    """A stage starts: until it finishes, neither it nor any stage after it counts as done."""
+    run = _load_run(args.out_dir)
+    order = list(STAGE_OUTPUTS)
+    void = [k for k in order[order.index(stage):] + ["all"] if k in run["stages"]]
+    if void:                     # (written only when it changes: a refused stage leaves out/ as it was)
+        for k in void:
+            del run["stages"][k]
+        _save_run(args.out_dir, run)
+
+
 def record_stage(args, stage, seconds, argv=None):
-    """Note in out_dir/run.json that `stage` finished in `seconds`, with the code and machine."""
-    path = os.path.join(args.out_dir, "run.json")
-    run = _read_json(path) if os.path.exists(path) else {"stages": {}}
+    """Note in out_dir/run.json that `stage` finished in `seconds`, with its settings, code and machine."""
+    run = _load_run(args.out_dir)
+    sft = os.path.join(args.out_dir, "sft.pt")
     run["stages"][stage] = {"seconds": seconds, "commit": _commit(), "device": _device(args.device),
                             "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "finished": _now(),
-                            "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])])}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(run, f, indent=1)
-    os.replace(tmp, path)
+                            "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])]),
+                            "settings": settings(args),
+                            "sft_digest": file_digest(sft) if stage != "tokenizer" and os.path.exists(sft) else None}
+    _save_run(args.out_dir, run)
+
+
+def finished_stage(args, stage):
+    """For --resume: True if `stage` finished with these settings and this code and its outputs are
+    still there (made from today's SFT model); False if it has to run. A stage that finished with
+    other settings or other code is refused: resuming would mix two runs in one report."""
+    rec = _load_run(args.out_dir)["stages"].get(stage)
+    if rec is None:
+        return False
+    where = os.path.join(args.out_dir, "run.json")
+    diff = differences(rec.get("settings", {}), settings(args))
+    if diff:
+        raise Refused(f"error: {where}: stage {stage} ran with other settings ({diff}); run without --resume "
+                      f"or with another --out_dir")
+    if rec["commit"] != _commit():
+        raise Refused(f"error: {where}: stage {stage} ran with the code at commit {rec['commit']}, this is "
+                      f"{_commit()}; run without --resume or with another --out_dir")
+    if not all(os.path.exists(os.path.join(args.out_dir, f)) for f in STAGE_OUTPUTS[stage]):
+        return False
+    sft = os.path.join(args.out_dir, "sft.pt")
+    return rec["sft_digest"] is None or (os.path.exists(sft) and rec["sft_digest"] == file_digest(sft))
+
+
+def total_seconds(out_dir):
+    """The whole run's wall time when it was resumed: the sum of its stages' own times."""
+    return sum(v["seconds"] for k, v in _load_run(out_dir)["stages"].items() if k != "all")
 
 
 def _now():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import data
 import world
-from checkpoint import Refused, load_tokenizer, log, read_checkpoint, save_atomic
+from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths
 
 
@@ -28,6 +28,11 @@ from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, le
 # (A colour question about a scene where no shape is unique becomes a shape question, data.und_example:
 # ~10% of colour questions, so ~3% of the primer's questions are about shape.)
 PRIMER_TASKS = ("colour", "count", "exists")
+
+# the settings an SFT checkpoint must share with the run that resumes it
+SAME_ON_RESUME = ("seed", "cooc", "caption_noise", "patch", "n_codes", "tok_images", "n_layer", "n_head", "n_embd",
+                  "batch_size", "und_frac", "und_loss", "turns", "primer", "und_first", "lr", "warmup", "decay",
+                  "weight_decay", "grad_clip", "cfg_drop")
 
 
 # -----------------------------------------------------------------------------
@@ -157,7 +162,12 @@ def train_sft(args):
     if args.resume:
         if not os.path.exists(path):
             raise Refused(f"error: --resume given but {path} does not exist")
-        ck = read_checkpoint(path, args.device, ("model", "optimizer", "step", "rng"), "SFT checkpoint")
+        ck = read_checkpoint(path, args.device, ("model", "optimizer", "step", "rng", "config"), "SFT checkpoint")
+        # --steps may grow and --dtype change on resume; what the run so far was trained with may not
+        diff = differences({k: ck["config"].get(k) for k in SAME_ON_RESUME}, {k: vars(args)[k] for k in SAME_ON_RESUME})
+        if diff:
+            raise Refused(f"error: {path} was trained with other settings ({diff}); resume with those, or start "
+                          f"again without --resume")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]

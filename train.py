@@ -18,6 +18,7 @@ facts taught through understanding reach generation (probes.py); `report` writes
 out/report.json and out/curves.png (report.py). Everything lands in --out_dir.
 """
 import argparse
+import copy
 import json
 import os
 import sys
@@ -61,7 +62,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy 
 parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (in that order)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype; auto = bfloat16 on CUDA that supports it, else float32")
-parser.add_argument("--resume", action="store_true", help="continue SFT from out_dir/sft.pt")
+parser.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run: stage sft from out_dir/sft.pt; with --stage all, stages that "
+                         "finished with the same settings and code are kept and the interrupted one continues or restarts")
 # world
 parser.add_argument("--cooc", type=float, default=world.COOC,
                     help="probability that an anchor object's companion joins a training scene")
@@ -188,16 +191,25 @@ def main(argv=None):
     if args.stage == "report":
         report.write(args.out_dir)
         return
-    t0 = time.perf_counter()
+    t0, kept = time.perf_counter(), []
     for name, run in STAGES.items():
-        if args.stage in ("all", name):
-            t = time.perf_counter()
-            run(args)
-            report.record_stage(args, name, time.perf_counter() - t, argv)
+        if args.stage not in ("all", name):
+            continue
+        if args.resume and args.stage == "all" and report.finished_stage(args, name):
+            log(args, f"resume | stage {name} finished before with these settings: kept")
+            kept.append(name)
+            continue
+        report.begin_stage(args, name)
+        a = copy.copy(args)
+        # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
+        a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
+        t = time.perf_counter()
+        run(a)
+        report.record_stage(args, name, time.perf_counter() - t, argv)
     total = time.perf_counter() - t0
-    log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s")
+    log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s" + (f" (kept: {', '.join(kept)})" if kept else ""))
     if args.stage == "all":
-        report.record_stage(args, "all", total, argv)
+        report.record_stage(args, "all", report.total_seconds(args.out_dir) if kept else total, argv)
         report.write(args.out_dir)
 
 

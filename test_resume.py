@@ -1,0 +1,95 @@
+"""Kill the pipeline with SIGKILL in the middle of a stage, resume it, and get the same results.
+
+    python -m unittest test_resume
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import torch
+
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8",
+        "--steps", "40", "--ckpt_every", "5", "--log_every", "5", "--eval_n", "4", "--device", "cpu",
+        "--pairs", "12", "--pref_steps", "4", "--pref_batch", "4", "--pref_seeds", "1", "--gen_pairs", "6",
+        "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4", "--probe_steps", "2", "--probe_n", "4",
+        "--self_prompts", "8", "--self_steps", "2", "--primer", "5", "--und_first", "10", "--warmup", "5"]
+# what legitimately differs between two runs: times, paths, the --resume flag and the file digests it changes
+VOLATILE = {"seconds", "config", "checkpoint", "digest", "sft_digest", "kv_cache"}
+
+
+def pipeline(out, extra=(), kill_after=None):
+    """Run `python train.py` on the tiny settings; with kill_after, SIGKILL it once that text is in its log."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--out_dir", out, *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if kill_after is None:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        return
+    log, t0 = os.path.join(out, "log.txt"), time.time()
+    while proc.poll() is None and time.time() - t0 < 600:
+        if os.path.exists(log) and kill_after in read(log):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended ({proc.returncode}) before '{kill_after}'"
+
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def results(out):
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in VOLATILE}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+    return {f: strip(json.loads(read(os.path.join(out, f))))
+            for f in ("eval_sft.json", "compare.json", "study.json", "probes.json")}
+
+
+def weights(out):
+    return {os.path.basename(p): torch.load(p, weights_only=True)["model"]
+            for p in sorted(glob.glob(os.path.join(out, "*.pt"))) if not p.endswith("tokenizer.pt")}
+
+
+class TestKillAndResume(unittest.TestCase):
+
+    def test_killed_in_sft_or_in_a_preference_stage_then_resumed_gives_the_same_outputs(self):
+        with tempfile.TemporaryDirectory() as d:
+            ref = os.path.join(d, "ref")
+            pipeline(ref)
+            want_results, want_weights = results(ref), weights(ref)
+            for marker in ("sft | step 20", "pairs s0 |"):          # mid-SFT; mid-pref, after its pairs
+                out = os.path.join(d, marker.split()[0])
+                pipeline(out, kill_after=marker)
+                self.assertFalse(os.path.exists(os.path.join(out, "report.md")), marker)
+                pipeline(out, ["--resume"])
+                self.assertIn("resume | stage tokenizer finished before with these settings: kept",
+                              read(os.path.join(out, "log.txt")))
+                self.assertEqual(results(out), want_results, marker)
+                got = weights(out)
+                self.assertEqual(sorted(got), sorted(want_weights), marker)
+                for name, state in want_weights.items():
+                    for k, v in state.items():
+                        self.assertTrue(torch.equal(v, got[name][k]), (marker, name, k))
+                self.assertFalse(glob.glob(os.path.join(out, "*.tmp")), marker)
+            # a finished pipeline resumed with other settings is refused, and nothing is changed
+            before = read(os.path.join(out, "run.json"))
+            with self.assertRaisesRegex(SystemExit, r"stage tokenizer ran with other settings \(--beta 0.1 -> 0.2\)"):
+                train.main(TINY + ["--out_dir", out, "--resume", "--beta", "0.2"])
+            self.assertEqual(read(os.path.join(out, "run.json")), before)
+
+
+if __name__ == "__main__":
+    unittest.main()
