@@ -131,18 +131,27 @@ def mdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
               use_conditional=True, use_anchor=True):
     """mDPO (Wang et al. 2024, arXiv:2406.11839): three equally weighted terms sharing one beta.
 
-    m = the real condition (image), m~ = the corrupted one; yw is used on BOTH sides of L_CoPO:
+    m = the real condition (image), m~ = the corrupted one; yw is used on BOTH sides of L_CoPO;
+    log pi(y|m) is the summed log-prob of y given m (and the prompt x) under the policy:
 
-        L_DPO   = -log sigma(beta * [(pi(yw|m) - pi(yl|m))  - (ref(yw|m) - ref(yl|m))])   standard DPO, Eq. 1
-        L_CoPO  = -log sigma(beta * [(pi(yw|m) - pi(yw|m~)) - (ref(yw|m) - ref(yw|m~))])  conditional preference, Eq. 2
-        L_AncPO = -log sigma(beta * (pi(yw|m) - ref(yw|m)) - delta)                       anchored preference, Eq. 3
-        loss    = L_DPO + L_CoPO + L_AncPO                                                Eq. 4
+        L_DPO   = -log sigma(beta * [(log pi(yw|m) - log pi(yl|m))  - (log ref(yw|m) - log ref(yl|m))])   Eq. 1
+        L_CoPO  = -log sigma(beta * [(log pi(yw|m) - log pi(yw|m~)) - (log ref(yw|m) - log ref(yw|m~))])  Eq. 2
+        L_AncPO = -log sigma(beta * (log pi(yw|m) - log ref(yw|m)) - delta)                               Eq. 3
+        loss    = L_DPO + L_CoPO + L_AncPO                                                                Eq. 4
 
-    L_CoPO makes the chosen answer more likely with the real condition than with the corrupted
-    one; L_AncPO pushes the chosen reward above delta (0 in the released code, which has no
-    delta), so the chosen log-prob is not dragged down. The Table 2 ablations of the paper are
-    `use_conditional=False` (L_DPO + L_AncPO; the corrupted log-probs may then be None) and
-    `use_anchor=False` (L_DPO + L_CoPO).
+    L_DPO is standard DPO. L_CoPO (conditional preference) makes the chosen answer more likely
+    with the real condition than with the corrupted one; L_AncPO (anchored preference) pushes the
+    chosen reward above delta (0 in the released code, which has no delta), so the chosen log-prob
+    is not dragged down. The Table 2 ablations of the paper are `use_conditional=False`
+    (L_DPO + L_AncPO; the corrupted log-probs may then be None) and `use_anchor=False` (L_DPO + L_CoPO).
+
+    The corrupted condition m~ must be the SAME image for the policy and the reference, or L_CoPO
+    subtracts log-probs of two different inputs. In the released code it is not: the crop is drawn
+    inside the model's forward (mDPOBunnyPhiForCausalLM.forward(mask_visual_tokens=True) calls
+    crop_images, a fresh v2.RandomResizedCrop(scale=(0.01, 0.2)) per image and per call), so the
+    policy pass and the reference pass each see their own random crop. This project fixes that:
+    one crop per pair, drawn once with the data (pref.build_pairs) and shared by the policy and the
+    reference. This function only sees log-probs: sharing m~ is the caller's job.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps:
@@ -197,7 +206,7 @@ def dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
         w_i       = exp(-(h_i - gap_mean)^2 / 2); draw K = int(N * keep_ratio) indices S
                     without replacement with probability ~ w                      Eq. 9-11
         alpha_M   = mean_{i in S} sigma(h_i) / sigma(gap_mean)     model-aware factor, Eq. 12
-        beta_i    = clamp(beta * alpha_D_i * alpha_M, min=1e-3)    beta_C, Eq. 15-16
+        beta_i    = clamp(beta * alpha_D_i * alpha_M, min=1e-3)    beta_C, Eq. 15-16 (+ the code's clamp)
         losses_i  = -log sigma(beta_i * h_i)                       DPO loss with beta_C, Eq. 2
         gap_mean <- momentum * gap_mean + (1 - momentum) * mean_i h_i  (all N samples), Eq. 14
 
@@ -207,12 +216,19 @@ def dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     come from detached margins (`A_gap.detach()`), so beta_i carries no gradient: a per-sample
     constant, like beta in DPO. Rewards use the base beta. Start at gap_mean = 0 and pass
     new_gap_mean to the next TRAINING step (the released compute_loss updates it on every call).
+    The min=1e-3 clamp on beta_i exists only in the released code (`beta_used.clamp(min=1e-3)`);
+    Eq. 15-16 and Algorithm 1 of the paper have no floor. We keep it: without it a tiny alpha_D or
+    alpha_M sends beta_i, and with it the gradient of that sample, to ~0.
 
     Deviations from injadlu/DAMA train_dpo.py `dpo_loss` (identical in the common case):
-      * Fewer than K weights > 0 (exp underflows once |h - gap_mean| > ~14 in float32): there
-        torch.multinomial raises, or if ALL are 0 it uses random.choices, WITH replacement and
-        outside the torch seed. Here every w > 0 sample is kept and the rest drawn uniformly
-        WITHOUT replacement from the w = 0 ones (the limit of w + eps): all 0 means uniform.
+      * Fewer than K weights > 0 (exp underflows once |h - gap_mean| > ~14 in float32, ~38 in
+        float64): there torch.multinomial(w, K, replacement=False) does NOT raise. It silently
+        fills the shortfall with zero-weight indices in a fixed order, the same for every seed
+        (checked on torch 2.13.0, CPU: w = [0, 1, 0, 0, .5, 0, 0], K = 7 gives [1, 4, 6, 0, 5, 3, 2]
+        for every seed), so the same w = 0 samples are kept every time. If ALL are 0 the released
+        code uses random.choices instead: WITH replacement and outside the torch seed. Here every
+        w > 0 sample is kept and the rest drawn uniformly WITHOUT replacement from the w = 0 ones
+        (the limit of w + eps): all 0 means uniform.
       * K = max(1, int(N * keep_ratio)); with N = 1 the released code keeps nobody (NaN alpha_M).
       * alpha_D, alpha_M are exp of log-sigmoid differences: the same number, but no 0 / 0 when
         sigma(h) and sigma(gap_mean) both underflow. (alpha_M is not capped: if sigma(gap_mean) is
@@ -226,8 +242,13 @@ def dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
         chosen_scores, rejected_scores: cw, cl: the image-text (CLIP) score of the chosen / rejected
             response, summed over its sub-sentences. Shape: (batch_size,)
         gap_mean: running mean of h (R-bar): a python float or a 0-dim floating tensor.
-        beta: base beta, > 0. score_gap_mean: dataset mean of cw - cl (0.0482190464911681 in the
-            released code). keep_ratio: in (0, 1], 1.0 keeps all. momentum: EMA decay in [0, 1].
+        beta: base beta, > 0.
+        score_gap_mean: dbar, the mean of cw - cl over YOUR preference pairs, measured once before
+            training (this project measures it on its own pairs in pref.preference_data). The
+            released code hard-codes 0.0482190464911681: a property of the authors' data and CLIP
+            scorer, not of the method, so it is not the default. The default 0.0 needs no data and
+            gives sigma(dbar) = 0.5, i.e. alpha_D = sigma(cw - cl) / 0.5 (1 for a tie cw = cl).
+        keep_ratio: in (0, 1], 1.0 keeps all. momentum: EMA decay in [0, 1].
         generator: torch.Generator on the inputs' device, for a reproducible selection.
         keep_indices: indices S to keep instead of drawing them (deterministic tests).
 
@@ -280,7 +301,8 @@ def dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
         # alpha_M, Eq. 12: mean over S of sigma(h_i), over sigma(R-bar), in log space
         log_mean_sigmoid = torch.logsumexp(F.logsigmoid(h_d[keep_indices]), 0) - math.log(keep_indices.numel())
         log_alpha_M = log_mean_sigmoid - F.logsigmoid(gap)                                 # ()
-        beta_used = (beta * torch.exp(log_alpha_D + log_alpha_M)).clamp(min=1e-3)         # (B,) beta_C, Eq. 15-16
+        # (B,) beta_C, Eq. 15-16; the min=1e-3 clamp is the released code's, not in the paper
+        beta_used = (beta * torch.exp(log_alpha_D + log_alpha_M)).clamp(min=1e-3)         # (B,)
     losses = -F.logsigmoid(beta_used * h)                      # (B,) Eq. 2 of arXiv:2502.01943 with beta_C
     # Eq. 14: EMA of the mean margin over ALL samples of the batch, updated after the step
     if isinstance(gap_mean, torch.Tensor):

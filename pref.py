@@ -22,7 +22,8 @@ import data
 import eval as evaluation
 import report
 import world
-from checkpoint import file_digest, load_model, log, save_atomic, seed_everything
+from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
+                        seed_everything, settings)
 from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import amp_context, chunked_logps, lengths
 
@@ -178,15 +179,33 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
 def train_pref(args, method, P, sft_path):
     """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
     (its log-probs are already cached in P). Writes out_dir/pref_<method>_s<seed>.pt; returns its path
-    and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...)."""
+    and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...).
+    Every --pref_ckpt_every steps the whole training state goes to <that path>.part (model, optimizer,
+    batch order and its RNG, DAMA's running gap and selection generator), which --resume continues."""
     policy, tok, vocab, ck = load_model(sft_path, args.device)
     policy.train()
     seed_everything(args.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
-    order, t_log, hist, curve = [], time.perf_counter(), [], []
-    for step in range(1, args.pref_steps + 1):
+    order, t_log, hist, curve, start = [], time.perf_counter(), [], [], 0
+    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+    part, made_with = path + ".part", {"settings": settings(args), "sft_digest": file_digest(sft_path)}
+    if args.resume and os.path.exists(part):
+        pk = read_checkpoint(part, args.device, ("model", "optimizer", "step", "rng", "order", "gap_mean", "curve",
+                                                 "settings", "sft_digest"), "preference checkpoint")
+        diff = differences(pk["settings"], made_with["settings"])
+        if diff or pk["sft_digest"] != made_with["sft_digest"]:
+            raise Refused(f"error: {part} was made with other settings or another SFT model ({diff or 'sft.pt'}); "
+                          f"delete it or run without --resume")
+        policy.load_state_dict(pk["model"])
+        opt.load_state_dict(pk["optimizer"])
+        start, order, curve, state["gap_mean"] = pk["step"], list(pk["order"]), list(pk["curve"]), pk["gap_mean"]
+        rng.setstate(pk["rng"]["data"])
+        torch.set_rng_state(pk["rng"]["torch"].cpu())
+        state["generator"].set_state(pk["rng"]["dama"].cpu())
+        log(args, f"pref {method} s{args.seed} | resumed at step {start}")
+    for step in range(start + 1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
             order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
         idx, order = order[:args.pref_batch], order[args.pref_batch:]
@@ -206,10 +225,27 @@ def train_pref(args, method, P, sft_path):
             log(args, f"pref {method} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
                 + f" | {1000 * dt / len(hist):.0f} ms/step | {sum(h['tokens'] for h in hist) / dt:.0f} tok/s")
             hist, t_log = [], time.perf_counter()
-    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+        if step % args.pref_ckpt_every == 0 and step < args.pref_steps:
+            save_atomic({"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "order": order,
+                         "gap_mean": float(state["gap_mean"]), "curve": curve, **made_with,
+                         "rng": {"data": rng.getstate(), "torch": torch.get_rng_state(),
+                                 "dama": state["generator"].get_state()}}, part)
     save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
-                 "config": vars(args), "method": method}, path)
+                 "config": vars(args), "method": method, "curve": curve, **made_with}, path)
+    if os.path.exists(part):
+        os.remove(part)
     return path, curve
+
+
+def finished_pref(args, method, sft_path):
+    """For --resume: (path, curve) of a preference run that already finished with these settings
+    from this SFT model, else None."""
+    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+    if not (args.resume and os.path.exists(path)):
+        return None
+    ck = read_checkpoint(path, args.device, ("model",), "preference checkpoint")
+    same = ck.get("settings") == settings(args) and ck.get("sft_digest") == file_digest(sft_path)
+    return (path, ck["curve"]) if same and "curve" in ck else None
 
 
 def preference_data(args, sft_path):
@@ -243,7 +279,10 @@ def compare(args):
         P = preference_data(a, sft)
         for m in methods:
             t = time.perf_counter()
-            path, curve = train_pref(a, m, P, sft)
+            done = finished_pref(a, m, sft)
+            if done:
+                log(args, f"resume | pref {m} s{seed} finished before with these settings: kept")
+            path, curve = done or train_pref(a, m, P, sft)
             rows.setdefault(m, []).append(bench(path))
             curves.setdefault(m, []).append(curve)
             log(args, f"pref {m} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")

@@ -6,6 +6,7 @@ Run from the repo root (CPU, a few seconds):
 Hand-check values are the ones in ../shared/REFERENCE.md, computed there from the formulas.
 """
 import ast
+import itertools
 import math
 import os
 import shutil
@@ -33,6 +34,126 @@ def random_logps(n, seed, dtype=torch.float64):
     """n pairs of plausible summed log-probs (negative)."""
     g = torch.Generator().manual_seed(seed)
     return [-30 * torch.rand(n, generator=g, dtype=dtype) for _ in range(4)]
+
+
+def sigmoid(x):
+    """sigma(x) in python floats, for hand-checks that do not go through torch (no overflow)."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def softplus(x):
+    """log(1 + e^x) = -log sigma(-x) in python floats, without overflow."""
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def hand_dama(h, cw, cl, gap_mean, keep, beta=0.1, dbar=DBAR, momentum=0.9):
+    """REFERENCE.md's DAMA formulas in plain python floats, with the kept indices S given.
+
+    Returns (beta_i, per-sample losses, kept-mean loss, new gap_mean, unclamped beta_i)."""
+    alpha_D = [sigmoid(w - l) / sigmoid(dbar) for w, l in zip(cw, cl)]
+    alpha_M = sum(sigmoid(h[i]) for i in keep) / len(keep) / sigmoid(gap_mean)
+    unclamped = [beta * a * alpha_M for a in alpha_D]
+    beta_i = [max(b, 1e-3) for b in unclamped]
+    per_sample = [softplus(-b * x) for b, x in zip(beta_i, h)]                # -log sigma(beta_i h_i)
+    loss = sum(per_sample[i] for i in keep) / len(keep)
+    new_gap = momentum * gap_mean + (1 - momentum) * sum(h) / len(h)
+    return beta_i, per_sample, loss, new_gap, unclamped
+
+
+def exact_inclusion(weights, k):
+    """P(i in S) for S = k indices drawn one at a time without replacement, each with probability
+    proportional to its weight among those left (what torch.multinomial(replacement=False) does),
+    by enumerating every ordered draw: fine for N = 5, K = 4 (120 orderings)."""
+    inclusion = [0.0] * len(weights)
+    for order in itertools.permutations(range(len(weights)), k):
+        p, left = 1.0, sum(weights)
+        for i in order:
+            p *= weights[i] / left
+            left -= weights[i]
+        for i in order:
+            inclusion[i] += p
+    return inclusion
+
+
+# ---- Transcriptions of the authors' released loss code, in their names, to compare against ----
+
+def released_mdpo_loss(policy_chosen_logps, policy_rejected_logps, policy_imageless_chosen_logps,
+                       reference_chosen_logps, reference_rejected_logps, reference_imageless_chosen_logps, beta):
+    """luka-group/mDPO mdpo_trainer.py, mDPOTrainer.dpo_loss, line by line (reference_free=False;
+    self.beta -> beta). Note the authors' argument order: the imageless (corrupted) log-prob third."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    logits = pi_logratios - ref_logratios  # response preference
+    image_conditional_pi_logratios = policy_chosen_logps - policy_imageless_chosen_logps
+    image_conditional_ref_logratios = reference_chosen_logps - reference_imageless_chosen_logps
+    # image-conditional preference
+    image_conditional_logits = image_conditional_pi_logratios - image_conditional_ref_logratios
+    anchor_logits = policy_chosen_logps - reference_chosen_logps  # anchored preference
+    losses = -F.logsigmoid(beta * logits) \
+        - F.logsigmoid(beta * image_conditional_logits) \
+        - F.logsigmoid(beta * anchor_logits)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    imageless_rewards = beta * (policy_imageless_chosen_logps - reference_imageless_chosen_logps).detach()
+    return losses, chosen_rewards, rejected_rewards, imageless_rewards
+
+
+def released_dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                       vlm_chosen_logits, vlm_rejected_logits, beta, gap_mean, score_gap_mean,
+                       sample_index=None, generator=None):
+    """injadlu/DAMA DAMA/llava/train/train_dpo.py, line by line, on one process (all_gather_if_needed
+    is the identity): `dpo_loss`, then the masked mean of LLaVA15DPOTrainer.compute_loss, then the
+    gap_mean step of update_and_sync_tensor_mean (gamma = 0.9). gap_mean is a (1,) tensor, as
+    self.gap_mean is there. Changed, and only this: the hard-coded 0.0482190464911681 is
+    `score_gap_mean`; device='cuda' -> the inputs' device and dtype; `.to(torch.float32)` -> at least
+    float32, so that float64 runs stay float64; the selection is `sample_index` when given (the
+    injection that makes it deterministic), else torch.multinomial with `generator` rather than the
+    global RNG; the random.choices branch (every weight 0) is left out: the tests keep weights > 0.
+
+    Returns (losses, chosen_rewards, rejected_rewards, beta_used, global_mask, loss, new_gap_mean)."""
+    pi_logratios = policy_chosen_logps - policy_rejected_logps
+    ref_logratios = reference_chosen_logps - reference_rejected_logps
+    logits = pi_logratios - ref_logratios
+    logits_diff = (vlm_chosen_logits - vlm_rejected_logits)
+    logits_diff = F.sigmoid(logits_diff)
+    logits_mean = torch.tensor(score_gap_mean, dtype=logits_diff.dtype, device=logits_diff.device)
+    logits_mean = F.sigmoid(logits_mean)
+    this_logits = logits_diff / logits_mean
+    this_logits = this_logits.to(torch.promote_types(this_logits.dtype, torch.float32))
+    A_gap = (policy_chosen_logps - policy_rejected_logps - reference_chosen_logps + reference_rejected_logps)
+    A = A_gap.detach()
+    A_sigmoid = F.sigmoid(A)
+    mean = gap_mean
+    weight_sample = torch.exp(-0.5 * ((A - mean)).pow(2))
+    sample_num = int(weight_sample.numel() * (1 - 0.2))
+    if sample_index is None:
+        sample_index = torch.multinomial(weight_sample, sample_num, replacement=False, generator=generator)
+    one_hot_like = torch.zeros_like(weight_sample)
+    one_hot_like[sample_index] = 1
+    global_mask = one_hot_like.detach()
+    global_mask = global_mask.to(torch.float32)
+    mean_sigmoid = F.sigmoid(mean)
+    A_sigmoid_average = torch.mean(A_sigmoid[sample_index])
+    this_ratio = A_sigmoid_average / mean_sigmoid
+    this_ratio = this_logits * this_ratio
+    beta_used = beta * this_ratio
+    beta_used = beta_used.clamp(min=1e-3)
+    losses = -F.logsigmoid(beta_used * logits)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    # compute_loss
+    local_mask = global_mask.float()
+    masked_losses = losses * local_mask
+    effective_loss_count = local_mask.sum()
+    effective_loss_count = effective_loss_count if effective_loss_count > 0 else 1
+    loss = masked_losses.sum() / effective_loss_count
+    # collect_preference_metrics -> update_and_sync_tensor_mean, after the loss
+    gap_local = (policy_chosen_logps - policy_rejected_logps
+                 - reference_chosen_logps + reference_rejected_logps).detach()
+    gamma = 0.9
+    new_gap_mean = gap_mean.clone()
+    new_gap_mean.mul_(gamma).add_(gap_local.mean(), alpha=1 - gamma)
+    return losses, chosen_rewards, rejected_rewards, beta_used, global_mask, loss, new_gap_mean
 
 
 class Case(unittest.TestCase):
@@ -103,6 +224,30 @@ class TestSequenceLogps(Case):
         self.assertEqual(out.dtype, torch.float32)
         self.assertClose(out, sequence_logps(logits.double(), self.labels), atol=1e-5)
 
+    def test_row_without_labelled_tokens_gives_zero_and_finite_losses(self):
+        """The docstring's promise: 0 (not nan) for a sequence with no labelled token, no gradient
+        into its logits, and every loss stays finite when fed that 0."""
+        labels = self.labels.clone()
+        labels[0] = -100
+        labels[0, 0] = 3   # labels[:, 0] is never a target (nothing predicts it): still an empty row
+        logits = self.logits.clone().requires_grad_()
+        out = sequence_logps(logits, labels)
+        self.assertEqual(out[0].item(), 0.0)
+        self.assertClose(out[1], sequence_logps(self.logits, self.labels)[1])
+        out.sum().backward()
+        self.assertTrue((logits.grad[0] == 0).all())
+        self.assertTrue(torch.isfinite(logits.grad).all())
+        empty = out[:1]                                                    # (1,) a 0 log-prob
+        other = out[1:].detach()
+        results = {"dpo": dpo_loss(empty, other, other, other)[0],
+                   "mdpo": mdpo_loss(empty, other, empty.detach(), other, other, other)[0],
+                   "dama": dama_loss(empty, other, other, other, t(0.3, dtype=torch.float32),
+                                     t(0.1, dtype=torch.float32), 0.0)[0]}
+        for name, value in results.items():
+            self.assertTrue(torch.isfinite(value).all(), f"{name}: {value}")
+        both_empty = dpo_loss(empty, empty, empty.detach(), empty.detach())[0]
+        self.assertClose(both_empty, [LN2])                                 # h = 0
+
     def test_bad_inputs(self):
         self.assertBad("logits", sequence_logps, self.logits[0], self.labels)
         self.assertBad("logits", sequence_logps, self.labels.unsqueeze(-1), self.labels)
@@ -159,9 +304,15 @@ class TestDPO(Case):
             self.assertTrue((pr.grad > 0).all(), "raising log pi(yl) must raise the loss")
 
     def test_rewards_are_detached(self):
+        """Rewards are logged, never optimised: no loss may return them attached to the graph."""
         pc, pr = t(-1.0, grad=True), t(-2.0, grad=True)
         _, chosen, rejected = dpo_loss(pc, pr, t(-1.5), t(-1.5))
         self.assertFalse(chosen.requires_grad or rejected.requires_grad)
+        pcc = t(-3.0, grad=True)
+        _, chosen, rejected, corrupted = mdpo_loss(pc, pr, t(-1.5), t(-1.5), pcc, t(-2.5))
+        self.assertFalse(chosen.requires_grad or rejected.requires_grad or corrupted.requires_grad)
+        out = dama_loss(pc, pr, t(-1.5), t(-1.5), t(0.5), t(0.2), 0.0)
+        self.assertFalse(any(x.requires_grad for x in out[1:5]))
 
     def test_bad_inputs(self):
         a, b = t(-1.0, -2.0), t(-1.0, -2.0)
@@ -232,6 +383,23 @@ class TestMDPO(Case):
         self.assertTrue((g_chosen - without[0] < 0).all(), "L_AncPO must push log pi(yw|m) up")
         self.assertClose(g_rejected, without[1], atol=0)
         self.assertClose(g_corrupted, without[2], atol=0)
+
+    def test_matches_released_mdpo_code(self):
+        """mdpo_loss equals a line-by-line transcription of the authors' mDPOTrainer.dpo_loss: losses,
+        the three rewards and the gradients, on random inputs (several seeds and batch sizes)."""
+        for seed, n in [(10, 1), (11, 3), (12, 8), (13, 17)]:
+            for beta in [0.1, 0.7]:
+                logps = random_logps(n, seed) + random_logps(n, seed + 100)[:2]
+                pc, pr, rc, rr, pcc, rcc = [x.clone().requires_grad_() for x in logps]
+                ours = mdpo_loss(pc, pr, rc, rr, pcc, rcc, beta=beta)
+                g_ours = torch.autograd.grad(ours[0].sum(), [pc, pr, pcc])
+                theirs = released_mdpo_loss(pc, pr, pcc, rc, rr, rcc, beta)
+                g_theirs = torch.autograd.grad(theirs[0].sum(), [pc, pr, pcc])
+                for a, b in zip(ours, theirs):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+                    self.assertFalse(a.requires_grad and not b.requires_grad)
+                for a, b in zip(g_ours, g_theirs):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
     def test_bad_inputs(self):
         a, b = t(-1.0, -2.0), t(-3.0, -4.0)
@@ -331,12 +499,33 @@ class TestDAMA(Case):
             self.assertEqual(int(mask.sum()), 3)
 
     def test_beta_used_is_clamped_at_1e_minus_3(self):
+        """beta_i = max(beta * alpha_D_i * alpha_M, 1e-3): each case checks by hand (hand_dama) that
+        the unclamped value is below 1e-3 where the clamp must bind and above it where it must not."""
         # alpha_D = sigma(-50) / sigma(0) ~ 4e-22 would send beta_i to ~0; the clamp keeps 1e-3
         out = self.run_dama(self.h, 0.0, self.cw - 50, self.cl, keep_ratio=1.0)
         self.assertTrue((out[3] >= 1e-3).all())
         self.assertClose(out[3], torch.full((4,), 1e-3, dtype=torch.float64), atol=1e-12)
-        out = self.run_dama(t(-1e4, 1.0, 2.0), 1e4, keep_ratio=1.0)  # alpha_M ~ 0
+        # binding through alpha_M: every kept sigma(h_i) ~ e^-20 against sigma(gap_mean = 3) ~ 0.95
+        h, cw, cl = [-20.0, -22.0, -25.0], [0.1, 0.4, -0.2], [0.3, 0.1, 0.2]
+        expected, _, _, _, unclamped = hand_dama(h, cw, cl, 3.0, [0, 1, 2], dbar=0.0)
+        self.assertTrue(all(u < 1e-3 for u in unclamped), unclamped)          # ~1e-10: the clamp binds
+        out = self.run_dama(t(*h), 3.0, t(*cw), t(*cl), keep_ratio=1.0)
+        self.assertClose(out[3], torch.full((3,), 1e-3, dtype=torch.float64), atol=1e-15)
+        self.assertClose(out[0], -F.logsigmoid(1e-3 * t(*h)), atol=1e-12)     # the loss uses the clamped beta
+        # NOT binding although gap_mean is huge: alpha_M = mean(0, sigma(1), sigma(2)) / sigma(1e4) ~ 0.54
+        out = self.run_dama(t(-1e4, 1.0, 2.0), 1e4, keep_ratio=1.0)
         self.assertTrue((out[3] >= 1e-3).all())
+        _, _, _, _, unclamped = hand_dama([-1e4, 1.0, 2.0], [0.0] * 3, [0.0] * 3, 1e4, [0, 1, 2], dbar=0.0)
+        self.assertTrue(all(u > 1e-2 for u in unclamped), unclamped)
+        self.assertClose(out[3], unclamped, atol=1e-12)
+        # mixed, in one batch: only sample 0 (alpha_D = sigma(-12) / 0.5 ~ 1e-5) is clamped
+        h, cw, cl = [0.5, 0.2, 1.0], [-12.0, 0.0, 3.0], [0.0, 0.0, 0.0]
+        expected, _, _, _, unclamped = hand_dama(h, cw, cl, 0.4, [0, 1, 2], dbar=0.0)
+        self.assertLess(unclamped[0], 1e-3)
+        self.assertTrue(all(u > 1e-3 for u in unclamped[1:]), unclamped)
+        out = self.run_dama(t(*h), 0.4, t(*cw), t(*cl), keep_ratio=1.0)
+        self.assertClose(out[3], expected, atol=1e-12)
+        self.assertEqual(out[3][0].item(), 1e-3)
 
     def test_gap_mean_ema(self):
         h = t(2.0, -1.0, 0.5, 3.0, 10.0)
@@ -349,6 +538,126 @@ class TestDAMA(Case):
         self.assertEqual((out[5].shape, out[5].dtype), (torch.Size([]), torch.float32))
         self.assertClose(out[5], 0.8 * 0.5 + 0.2 * h.mean())
         self.assertClose(self.run_dama(h, 0.5, momentum=1.0)[5], 0.5)
+
+    def test_hand_check_with_nonzero_gap_mean(self):
+        """REFERENCE.md's hand-check moved to gap_mean != 0, once as a float and once as a 0-dim
+        tensor: beta_i, losses, the kept-mean loss and the new gap_mean, from the formulas (hand_dama,
+        plain python) AND as literal numbers. Replacing sigma(gap_mean) by 0.5 would move beta_i by
+        20-34% here, far beyond the 1e-6 tolerance (asserted below, so the case cannot drift to one
+        where that mutation goes unseen). Centring the selection weights on 0 does not show here, the
+        indices being injected: test_inclusion_frequencies_... catches it."""
+        cases = [  # gap_mean, kept S, beta_i, per-sample losses, kept-mean loss, new gap_mean
+            (0.7, [0, 2, 3], [0.131551, 0.096017, 0.119628, 0.113652],
+             [0.570224, 0.742307, 0.663687, 0.537131], 0.590347, 0.7425),
+            (torch.tensor(-0.4), [1, 2, 3], [0.164463, 0.120038, 0.149557, 0.142085],
+             [0.542148, 0.754966, 0.656457, 0.502561], 0.637995, -0.2475)]
+        h, cw, cl = self.h.tolist(), self.cw.tolist(), self.cl.tolist()
+        for gap_mean, keep, beta_i, per_sample, loss, new_gap in cases:
+            g = float(gap_mean)
+            by_formula = hand_dama(h, cw, cl, g, keep)
+            for a, b in zip(by_formula[:4], (beta_i, per_sample, loss, new_gap)):
+                self.assertClose(a, b, atol=1e-6)                 # the literals are the formulas' values
+            # sigma(gap_mean) -> 0.5 would move beta_i by far more than the tolerance
+            sigma_half = [b * sigmoid(g) / 0.5 for b in by_formula[0]]   # sigma(gap_mean) -> 0.5
+            self.assertGreater(max(abs(a - b) for a, b in zip(sigma_half, beta_i)), 1e-2)
+            out = self.run_dama(self.h, gap_mean, self.cw, self.cl, beta=0.1, score_gap_mean=DBAR,
+                                keep_indices=torch.tensor(keep))
+            losses_, _, _, beta_used, keep_mask, new_gap_mean = out
+            self.assertClose(beta_used, beta_i)
+            self.assertClose(losses_, per_sample)
+            self.assertClose(keep_mask, [float(i in keep) for i in range(4)], atol=0)
+            self.assertClose((losses_ * keep_mask).sum() / keep_mask.sum(), loss)
+            self.assertClose(new_gap_mean, new_gap)
+            self.assertIsInstance(new_gap_mean, type(gap_mean))
+            if isinstance(gap_mean, torch.Tensor):
+                self.assertEqual((new_gap_mean.shape, new_gap_mean.dtype), (torch.Size([]), gap_mean.dtype))
+
+    def test_matches_released_dama_code(self):
+        """dama_loss equals a line-by-line transcription of the authors' dpo_loss + compute_loss +
+        gap_mean update, with the same kept indices injected: losses, rewards, beta_i, mask, the
+        reduced loss, the new gap_mean and the gradient, for several seeds and batch sizes, gap_mean
+        a float and a 0-dim tensor, score_gap_mean != 0, float64 and float32."""
+        cases = [(20, 2, 0.37, DBAR), (21, 5, -1.3, 0.25), (22, 8, 2.0, -0.3), (23, 13, 0.0, DBAR), (24, 30, 5.0, 1.1)]
+        for seed, n, gap, dbar in cases:
+            for dtype in [torch.float64, torch.float32]:
+                for gap_is_tensor in [False, True]:
+                    g = torch.Generator().manual_seed(seed)
+                    logps = [x.to(dtype) for x in random_logps(n, seed)]
+                    cw, cl = torch.randn(n, generator=g, dtype=dtype), torch.randn(n, generator=g, dtype=dtype)
+                    k = int(n * 0.8)
+                    sample_index = torch.randperm(n, generator=g)[:k]
+                    gap_mean = torch.tensor(gap, dtype=dtype) if gap_is_tensor else gap
+                    pc, pr, rc, rr = [x.clone().requires_grad_() for x in logps]
+                    ours = dama_loss(pc, pr, rc, rr, cw, cl, gap_mean, beta=0.2, score_gap_mean=dbar,
+                                     keep_indices=sample_index)
+                    losses_, chosen, rejected, beta_used, keep_mask, new_gap_mean = ours
+                    loss = (losses_ * keep_mask).sum() / keep_mask.sum()
+                    theirs = released_dama_loss(pc, pr, rc, rr, cw, cl, 0.2, torch.tensor([gap], dtype=dtype), dbar,
+                                                sample_index=sample_index)
+                    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else {}
+                    msg = f"seed {seed} n {n} {dtype} tensor gap {gap_is_tensor}"
+                    for a, b in zip((losses_, chosen, rejected, beta_used, loss), theirs[:4] + theirs[5:6]):
+                        torch.testing.assert_close(a, b, **tol, msg=msg)
+                    torch.testing.assert_close(keep_mask, theirs[4].to(keep_mask.dtype), rtol=0, atol=0)
+                    torch.testing.assert_close(torch.as_tensor(new_gap_mean, dtype=dtype).reshape(1), theirs[6],
+                                               **tol, msg=msg)
+                    torch.testing.assert_close(torch.autograd.grad(loss, [pc, pr, rc, rr]),
+                                               torch.autograd.grad(theirs[5], [pc, pr, rc, rr]), **tol, msg=msg)
+
+    def test_drawn_selection_matches_released_code_with_the_same_generator(self):
+        """Without injection, with moderate margins (every weight > 0) and gap_mean != 0, dama_loss
+        draws exactly the released torch.multinomial selection from the same seeded generator."""
+        for seed, gap_is_tensor in [(30, False), (31, True), (32, False), (33, True)]:
+            g = torch.Generator().manual_seed(seed)
+            h = 1.5 * torch.randn(10, generator=g, dtype=torch.float64) + 1.0   # margins around gap_mean
+            cw, cl = torch.rand(10, generator=g, dtype=torch.float64), torch.rand(10, generator=g, dtype=torch.float64)
+            zero = torch.zeros(10, dtype=torch.float64)
+            gap_mean = torch.tensor(1.0, dtype=torch.float64) if gap_is_tensor else 1.0
+            ours = dama_loss(h, zero, zero, zero, cw, cl, gap_mean, beta=0.1, score_gap_mean=DBAR,
+                             generator=torch.Generator().manual_seed(seed))
+            theirs = released_dama_loss(h, zero, zero, zero, cw, cl, 0.1, torch.tensor([1.0], dtype=torch.float64),
+                                        DBAR, generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(ours[4], theirs[4].double(), rtol=0, atol=0, msg=f"seed {seed}")
+            torch.testing.assert_close(ours[3], theirs[3], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(ours[0], theirs[0], rtol=1e-10, atol=1e-10)
+
+    def test_inclusion_frequencies_match_weighted_sampling_without_replacement(self):
+        """Over many seeded draws, each sample's kept frequency matches the exact inclusion probability
+        of drawing K = 4 of N = 5 without replacement with probability ~ w = exp(-(h - gap_mean)^2 / 2),
+        gap_mean = 1 and moderate weights 0.24..1 (so every sample is kept sometimes and dropped
+        sometimes). Tolerance: 4 binomial standard errors per index. The same check against weights
+        centred on 0 instead of gap_mean (or uniform weights) is off by > 10 standard errors."""
+        gap_mean, n_draws = 1.0, 4000
+        h = t(*[gap_mean + d for d in [0.0, 0.5, -0.9, 1.3, -1.7]])
+        w = [math.exp(-0.5 * (x - gap_mean) ** 2) for x in h.tolist()]        # 1.0, .88, .67, .43, .24
+        p = exact_inclusion(w, 4)
+        se = [math.sqrt(q * (1 - q) / n_draws) for q in p]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # thousands of 5-element calls: thread wake-ups would cost more than the math
+        try:
+            g = torch.Generator().manual_seed(0)
+            counts = sum(self.run_dama(h, gap_mean, generator=g)[4] for _ in range(n_draws))
+        finally:
+            torch.set_num_threads(threads)
+        freq = (counts / n_draws).tolist()
+        for i in range(5):
+            self.assertLess(abs(freq[i] - p[i]), 4 * se[i], f"index {i}: {freq} vs exact {p}")
+        # the check has power: the wrong centring (w = exp(-h^2 / 2)) or uniform weights are far off
+        for wrong in ([math.exp(-0.5 * x ** 2) for x in h.tolist()], [1.0] * 5):
+            q = exact_inclusion(wrong, 4)
+            self.assertGreater(max(abs(a - b) / s for a, b, s in zip(q, p, se)), 10)
+
+    def test_beta_used_is_at_least_float32(self):
+        """The docstring's promise: beta_i (and so the loss) is computed in at least float32, so
+        half-precision log-probs give float32 beta_used and float64 log-probs keep float64."""
+        for dtype, expected in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                (torch.float32, torch.float32), (torch.float64, torch.float64)]:
+            h = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=dtype)
+            cw, cl = self.cw.to(dtype), self.cl.to(dtype)
+            out = self.run_dama(h, 0.0, cw, cl, score_gap_mean=DBAR, keep_indices=torch.tensor([0, 2, 3]))
+            self.assertEqual(out[3].dtype, expected, dtype)
+            self.assertEqual(out[0].dtype, expected, dtype)
+            self.assertClose(out[3], [0.175802, 0.128314, 0.159868, 0.151882], atol=5e-3)
 
     def test_bad_inputs(self):
         h, s = self.h, self.cw
@@ -422,6 +731,21 @@ class TestStandalone(Case):
             where, value = proc.stdout.split()
             self.assertEqual(os.path.realpath(where), os.path.realpath(tmp))
             self.assertAlmostEqual(float(value), 2 * LN2, places=6)
+
+    def test_readme_snippet_runs_with_losses_py_alone(self):
+        """The README's "Use losses.py in your own project" block, run as written beside a copy of losses.py."""
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+            readme = f.read()
+        section = readme.split("## Use losses.py in your own project", 1)[1]
+        code = section.split("```python\n", 1)[1].split("```", 1)[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(losses.__file__, tmp)
+            code += "\nprint(losses.mean().item())\n"
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            proc = subprocess.run([sys.executable, "-c", code], cwd=tmp, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertTrue(math.isfinite(float(proc.stdout.split()[-1])))
 
 
 if __name__ == "__main__":

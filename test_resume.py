@@ -19,7 +19,7 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8",
         "--steps", "40", "--ckpt_every", "5", "--log_every", "5", "--eval_n", "4", "--device", "cpu",
-        "--pairs", "12", "--pref_steps", "4", "--pref_batch", "4", "--pref_seeds", "1", "--gen_pairs", "6",
+        "--pairs", "12", "--pref_steps", "16", "--pref_ckpt_every", "2", "--pref_batch", "4", "--pref_seeds", "1", "--gen_pairs", "6",
         "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4", "--probe_steps", "2", "--probe_n", "4",
         "--self_prompts", "8", "--self_steps", "2", "--primer", "5", "--und_first", "10", "--warmup", "5"]
 # what legitimately differs between two runs: times, paths, the --resume flag and the file digests it changes
@@ -27,7 +27,8 @@ VOLATILE = {"seconds", "config", "checkpoint", "digest", "sft_digest", "kv_cache
 
 
 def pipeline(out, extra=(), kill_after=None):
-    """Run `python train.py` on the tiny settings; with kill_after, SIGKILL it once that text is in its log."""
+    """Run `python train.py` on the tiny settings; with kill_after, SIGKILL it once that text is in its
+    log, or once that file exists (a name ending in .part: a preference run's mid-run checkpoint)."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--out_dir", out, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if kill_after is None:
@@ -36,10 +37,11 @@ def pipeline(out, extra=(), kill_after=None):
         return
     log, t0 = os.path.join(out, "log.txt"), time.time()
     while proc.poll() is None and time.time() - t0 < 600:
-        if os.path.exists(log) and kill_after in read(log):
+        if (os.path.exists(os.path.join(out, kill_after)) if kill_after.endswith(".part")
+                else os.path.exists(log) and kill_after in read(log)):
             proc.send_signal(signal.SIGKILL)
             break
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"the run ended ({proc.returncode}) before '{kill_after}'"
 
@@ -70,8 +72,9 @@ class TestKillAndResume(unittest.TestCase):
             ref = os.path.join(d, "ref")
             pipeline(ref)
             want_results, want_weights = results(ref), weights(ref)
-            for marker in ("sft | step 20", "pairs s0 |"):          # mid-SFT; mid-pref, after its pairs
-                out = os.path.join(d, marker.split()[0])
+            # mid-SFT; in the preference stage after its pairs; in its mDPO run, once that has a checkpoint
+            for k, marker in enumerate(("sft | step 20", "pairs s0 |", "pref_mdpo_s0.pt.part")):
+                out = os.path.join(d, f"killed{k}")
                 pipeline(out, kill_after=marker)
                 self.assertFalse(os.path.exists(os.path.join(out, "report.md")), marker)
                 pipeline(out, ["--resume"])
@@ -84,6 +87,9 @@ class TestKillAndResume(unittest.TestCase):
                     for k, v in state.items():
                         self.assertTrue(torch.equal(v, got[name][k]), (marker, name, k))
                 self.assertFalse(glob.glob(os.path.join(out, "*.tmp")), marker)
+            log = read(os.path.join(out, "log.txt"))
+            self.assertIn("resume | pref dpo s0 finished before with these settings: kept", log)
+            self.assertRegex(log, r"pref mdpo s0 \| resumed at step \d+")       # the mDPO run continued
             # a finished pipeline resumed with other settings is refused, and nothing is changed
             before = read(os.path.join(out, "run.json"))
             with self.assertRaisesRegex(SystemExit, r"stage tokenizer ran with other settings \(--beta 0.1 -> 0.2\)"):

@@ -122,6 +122,8 @@ parser.add_argument("--length_matched", action="store_true",
 parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
 parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
+parser.add_argument("--pref_ckpt_every", type=int, default=50,
+                    help="steps between checkpoints of a preference run (what --resume continues)")
 parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
 # preference optimisation for generation and joint training (stage joint, joint.py; also uses the pref settings)
 parser.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
@@ -163,7 +165,7 @@ def resolve(args):
         if getattr(args, k) < 0:
             parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
     for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
-              "pairs", "pref_steps", "pref_batch", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
+              "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
               "self_steps"):
         if getattr(args, k) <= 0:
