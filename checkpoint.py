@@ -32,10 +32,22 @@ def seed_everything(seed):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, flushed to disk, then renamed: a crash leaves the old file or the
+    new one, never half of one."""
+    with open(path + ".tmp", "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_atomic(path, text):
+    """The same for a text file (results, tables, the report)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
 
 
 def writable(out_dir):

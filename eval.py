@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import data
 import report
 import world
-from checkpoint import Refused, file_digest, load_model, pick_device, writable
+from checkpoint import Refused, file_digest, load_model, pick_device, writable, write_atomic
 from losses import sequence_logps
 from model import amp_context
 
@@ -169,10 +169,8 @@ def run(ckpt, args):
             drawings = s
     res["seconds"] = time.perf_counter() - t0
     out = os.path.join(args.out_dir, f"eval_{name}")
-    with open(out + ".json", "w") as f:
-        json.dump(res, f, indent=1)
-    with open(out + ".md", "w") as f:
-        f.write(report.sft_markdown(res))
+    write_atomic(out + ".json", json.dumps(res, indent=1))
+    write_atomic(out + ".md", report.sft_markdown(res))
     report.picture(out + ".png", test_captions + captions, drawings)
     print(report.sft_markdown(res))
     print(f"eval | {ckpt} in {res['seconds']:.0f} s -> {out}.json / .md / .png")
@@ -291,8 +289,7 @@ def rebuild_comparison(out_dir, args):
         r = hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
         rows.setdefault(ck.get("method", "sft"), []).append(r)
     table = compare_table(rows)
-    with open(os.path.join(out_dir, "compare_rebuilt.md"), "w") as f:
-        f.write(table)
+    write_atomic(os.path.join(out_dir, "compare_rebuilt.md"), table)
     print(table)
     return rows
 

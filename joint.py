@@ -39,7 +39,7 @@ import eval as evaluation
 import pref
 import report
 import world
-from checkpoint import Refused, file_digest, load_model, log, seed_everything
+from checkpoint import Refused, file_digest, load_model, log, seed_everything, write_atomic
 
 # row of the trade-off table -> (strategy, generation method, generation pairs)
 ROWS = {
@@ -379,11 +379,9 @@ def study(args):
             "loss at the task's beta over the last quarter (ln 2 = 0.693 at the start).\n\n"
           + report.seed_table(trained, DIAG_COLS)
           + "\nCosine per layer:\n\n" + report.seed_table(trained, layer_cols))
-    with open(os.path.join(args.out_dir, "study.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out_dir, "study.json"), "w") as f:
-        json.dump({"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "kv_cache": speed,
-                   "seconds": time.perf_counter() - t0,
-                   "config": {k: v for k, v in vars(args).items()}}, f, indent=1)
+    write_atomic(os.path.join(args.out_dir, "study.md"), md)
+    write_atomic(os.path.join(args.out_dir, "study.json"), json.dumps(
+        {"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "kv_cache": speed,
+         "seconds": time.perf_counter() - t0, "config": vars(args)}, indent=1))
     print(md)
     return rows

@@ -23,7 +23,7 @@ import eval as evaluation
 import report
 import world
 from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
-                        seed_everything, settings)
+                        seed_everything, settings, write_atomic)
 from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import amp_context, chunked_logps, lengths
 
@@ -291,12 +291,11 @@ def compare(args):
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
             f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
             f"lr {args.pref_lr} | {args.eval_n} held-out scenes per split | {args.device} | {seconds:.0f} s\n\n")
-    with open(os.path.join(args.out_dir, "compare.md"), "w") as f:
-        f.write(head + table)
-    with open(os.path.join(args.out_dir, "compare.json"), "w") as f:
-        json.dump({"sft_digest": file_digest(sft), "seconds": seconds, "seeds": seeds, "config": vars(args),
-                   "rows": {k: [{s: r[s] for s in ("test", "bias")} for r in v] for k, v in rows.items()},
-                   "curves": curves}, f, indent=1)
+    write_atomic(os.path.join(args.out_dir, "compare.md"), head + table)
+    write_atomic(os.path.join(args.out_dir, "compare.json"), json.dumps(
+        {"sft_digest": file_digest(sft), "seconds": seconds, "seeds": seeds, "config": vars(args),
+         "rows": {k: [{s: r[s] for s in ("test", "bias")} for r in v] for k, v in rows.items()},
+         "curves": curves}, indent=1))
     if "mdpo" in rows:
         report.compare_picture(os.path.join(args.out_dir, "compare.png"),
                                rows["sft"][0]["bias_samples"], rows["mdpo"][0]["bias_samples"])

@@ -40,7 +40,7 @@ import eval as evaluation
 import report
 import sft
 import world
-from checkpoint import file_digest, load_model, log
+from checkpoint import file_digest, load_model, log, write_atomic
 from model import amp_context
 
 FAMILIES = ("arithmetic", "symbols 1 hop", "symbols 2 hops", "knowledge")
@@ -309,9 +309,9 @@ def study(args):
             + f"), drawn at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
     md = head + report.seed_table(rows, COLS, heads=HEADS, first="family")
-    with open(os.path.join(args.out_dir, "probes.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out_dir, "probes.json"), "w") as f:
-        json.dump({"sft_digest": file_digest(sft), "rows": rows, "seconds": time.perf_counter() - t0, "config": vars(args)}, f, indent=1)
+    write_atomic(os.path.join(args.out_dir, "probes.md"), md)
+    write_atomic(os.path.join(args.out_dir, "probes.json"), json.dumps(
+        {"sft_digest": file_digest(sft), "rows": rows, "seconds": time.perf_counter() - t0, "config": vars(args)},
+        indent=1))
     print(md)
     return rows

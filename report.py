@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 import data
 import world
-from checkpoint import Refused, differences, file_digest, settings
+from checkpoint import Refused, differences, file_digest, settings, write_atomic
 
 # the stage outputs the report is made of: (file stem, stage that writes it, heading)
 SECTIONS = (("eval_sft", "eval", "SFT"),
@@ -218,12 +218,7 @@ def _load_run(out_dir):
 
 
 def _save_run(out_dir, run):
-    path = os.path.join(out_dir, "run.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(run, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(out_dir, "run.json"), json.dumps(run, indent=1))
 
 
 def begin_stage(args, stage):
@@ -337,11 +332,8 @@ def write(out_dir):
                       "", "Training curves (seed 0; the last panel: the joint study's generation DPO row):", "",
                       "![logps/chosen, logps/rejected, rewards/margins; generation DPO loss against ln 2](curves.png)"]
     text = "\n".join(lines) + "\n"
-    for name, content in (("report.md", text), ("report.json", json.dumps({"header": head, **results}, indent=1))):
-        tmp = os.path.join(out_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(out_dir, name))
+    write_atomic(os.path.join(out_dir, "report.md"), text)
+    write_atomic(os.path.join(out_dir, "report.json"), json.dumps({"header": head, **results}, indent=1))
     print(text)
     print(f"report | {os.path.join(out_dir, 'report.md')}, report.json, curves.png")
     return head
