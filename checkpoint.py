@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import sys
 
 import numpy as np
 import torch
@@ -71,6 +72,15 @@ def log(args, line):
 class Refused(SystemExit):
     """Bad input, said in one line that names the file and the problem. The entry points print it
     and exit with status 2; nothing in out/ has been written when it is raised."""
+
+
+def command_line(main):
+    """Run an entry point's main(): a Refused becomes one line on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except Refused as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
 
 
 def read_checkpoint(path, device, keys, what="checkpoint"):

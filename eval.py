@@ -16,7 +16,6 @@ import glob
 import json
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 import data
 import report
 import world
-from checkpoint import Refused, file_digest, load_model, pick_device, writable, write_atomic
+from checkpoint import command_line, file_digest, load_model, pick_device, writable, write_atomic
 from losses import sequence_logps
 from model import amp_context
 
@@ -356,8 +355,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Refused as e:   # bad input: one line, no traceback
-        print(e, file=sys.stderr)
-        sys.exit(2)
+    command_line(main)

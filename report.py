@@ -306,6 +306,8 @@ def write(out_dir):
                              f"rerun `python train.py --stage {stage}`")
     curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"], results["study"]["curves"])
     stages = run["stages"]
+    if not stages:
+        raise Refused(f"error: {os.path.join(out_dir, 'run.json')} records no finished stage; run `python train.py` first")
     first = stages.get("all") or next(iter(stages.values()))
     commits = sorted({s["commit"] for s in stages.values()})
     head = {"command": first["command"], "commit": ", ".join(commits), "device": first["device"],

@@ -33,7 +33,7 @@ import probes
 import report
 import sft
 import world
-from checkpoint import Refused, log, pick_device, seed_everything, writable
+from checkpoint import command_line, log, pick_device, seed_everything, writable
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
@@ -216,9 +216,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Refused as e:   # bad input: one line, no traceback
-        print(e, file=sys.stderr)
-        sys.exit(2)
+    command_line(main)
 
