@@ -14,6 +14,7 @@ import unittest
 
 import torch
 
+import report
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,6 +67,10 @@ def weights(out):
 
 
 class TestKillAndResume(unittest.TestCase):
+
+    def test_the_run_record_knows_every_stage_in_order(self):
+        """report.STAGE_OUTPUTS decides what --resume keeps; it must list train.STAGES, in their order."""
+        self.assertEqual(list(report.STAGE_OUTPUTS), list(train.STAGES))
 
     def test_killed_in_sft_or_in_a_preference_stage_then_resumed_gives_the_same_outputs(self):
         with tempfile.TemporaryDirectory() as d:
