@@ -29,7 +29,22 @@ def pick_device():
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)   # (every CUDA device too)
+
+
+def global_rng_state():
+    """The global generators' state (python, numpy, torch CPU and CUDA), to interleave several runs
+    exactly as if each ran alone."""
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_global_rng_state(state):
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    torch.set_rng_state(state[2])
+    if state[3] is not None:
+        torch.cuda.set_rng_state_all(state[3])
 
 
 def save_atomic(obj, path):

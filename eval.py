@@ -251,8 +251,8 @@ def hallucination(model, tok, vocab, n, device, dtype, seed, stats):
         mentions = [[(c, s) for c, s, _ in world.parse_caption(p)] for p in preds]
         r["Cog"] = sum(k in pr for m, pr in zip(mentions, prone) for k in m) / max(sum(map(len, mentions)), 1)
         r["POPE"] = pope(model, tok, vocab, split, n, device, dtype, seed, freq, pairs)
-        r["answer_acc"] = eval_understanding(model, tok, vocab, split, n, device, dtype, seed,
-                                         tasks=data.UND_TASKS[1:])[0]["answer_acc"]
+        und = eval_understanding(model, tok, vocab, split, n, device, dtype, seed, tasks=data.UND_TASKS[1:])[0]
+        r.update({"answer_acc": und["answer_acc"], **{"answer_" + t: und[t] for t in data.UND_TASKS[1:]}})
         r["image_reliance"] = image_reliance(model, tok, vocab, split, n, device, dtype, seed)
         res[split] = r
         res[split + "_samples"] = [(e.scene, p) for e, p in zip(exs[:6], preds[:6])]
@@ -286,7 +286,7 @@ def rebuild_comparison(out_dir, args):
         model, tok, vocab, ck = load_model(path, args.device)
         stats = stats or world.training_statistics(cooc=ck["config"].get("cooc"))   # the run's own bias
         r = hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
-        rows.setdefault(ck.get("method", "sft"), []).append(r)
+        rows.setdefault(ck.get("row", ck.get("method", "sft")), []).append(r)
     table = compare_table(rows)
     write_atomic(os.path.join(out_dir, "compare_rebuilt.md"), table)
     print(table)

@@ -12,6 +12,7 @@ Papers and the released code this file was checked against:
     cDPO  Mitchell 2023, ericmitchell.ai/cdpo.pdf | huggingface/trl dpo_trainer.py ("sigmoid")
     mDPO  arXiv:2406.11839 | luka-group/mDPO mdpo_trainer.py (mDPOTrainer.dpo_loss)
     DAMA  arXiv:2502.01943 | injadlu/DAMA DAMA/llava/train/train_dpo.py (dpo_loss, LLaVA15DPOTrainer)
+    RPO   arXiv:2404.19733 (the NLL term on the chosen response) | huggingface/trl dpo_trainer.py (rpo_alpha)
 """
 import math
 
@@ -311,6 +312,30 @@ def dama_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
         new_gap_mean = momentum * float(gap_mean) + (1 - momentum) * h_d.mean().item()
     return (losses, _rewards(beta, policy_chosen_logps, reference_chosen_logps),
             _rewards(beta, policy_rejected_logps, reference_rejected_logps), beta_used, keep_mask, new_gap_mean)
+
+
+def chosen_nll_loss(policy_chosen_logps, chosen_lengths):
+    """The NLL term of RPO (Pang et al. 2024, arXiv:2404.19733, Eq. 1), per pair:
+
+        nll_i = -log pi(yw_i) / |yw_i|        (the chosen response's mean token cross-entropy)
+
+    added to a preference loss as `losses + alpha * nll` (RPO's alpha = 1; TRL's `rpo_alpha`).
+    It pulls log pi(yw) UP, which plain DPO lets fall with log pi(yl): the usual remedy for the
+    alignment tax. The paper divides by the response's length, so a long chosen response weighs
+    like a short one; TRL instead pools the tokens of the whole batch (one mean over all chosen
+    tokens). Both are the same for equal lengths.
+
+    Args:
+        policy_chosen_logps: summed log pi(yw), as for the losses above. Shape: (B,)
+        chosen_lengths: scored tokens of each chosen response (>= 1). Shape: (B,)
+    Returns: per-pair NLL, shape (B,), with the gradient of policy_chosen_logps.
+    """
+    _check_logps(policy_chosen_logps=policy_chosen_logps)
+    if not isinstance(chosen_lengths, torch.Tensor) or chosen_lengths.shape != policy_chosen_logps.shape:
+        raise ValueError(f"chosen_lengths must be a tensor of shape {tuple(policy_chosen_logps.shape)}")
+    if (chosen_lengths < 1).any():
+        raise ValueError("chosen_lengths must be >= 1 (a chosen response with no scored token)")
+    return -policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)   # (B,)
 
 
 def preference_metrics(chosen_rewards, rejected_rewards):

@@ -21,10 +21,11 @@ import torch
 import data
 import eval as evaluation
 import report
+import sft
 import world
 from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
                         seed_everything, settings, write_atomic)
-from losses import dama_loss, dpo_loss, mdpo_loss, preference_metrics
+from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss, preference_metrics
 from model import amp_context, chunked_logps, lengths
 
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
@@ -100,12 +101,14 @@ def pair_batch(vocab, P, idx, images, corrupted):
 
 
 def pair_logps(model, vocab, P, idx, images, corrupted, args):
-    """(chosen, rejected, corrupted chosen or None) summed log-probs of pairs `idx`, each (B,)."""
+    """(chosen, rejected, corrupted chosen or None) summed log-probs of pairs `idx`, each (B,);
+    the tokens of the batch (for tok/s); the scored tokens of each chosen response, (B,)."""
     ids, labels = pair_batch(vocab, P, idx, images, corrupted)
     with amp_context(args.device, args.dtype):
         logps = chunked_logps(model, ids.to(args.device), labels.to(args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
-    return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum())
+    chosen_tokens = (labels[:len(idx), 1:] != -100).sum(1).to(logps.device)        # (B,)
+    return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum()), chosen_tokens
 
 
 @torch.no_grad()
@@ -144,11 +147,14 @@ def clause_scores(ref, vocab, P, args):
     return torch.zeros(len(P["pairs"]), 2).index_put((pair_of, side_of), prob, accumulate=True)
 
 
-def pref_step_loss(policy, vocab, P, idx, method, args, state):
-    """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA."""
+def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
+    """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA.
+    sft_weight = alpha > 0 adds RPO's NLL term on the chosen response: loss + alpha * mean_i nll_i
+    (losses.chosen_nll_loss). It is composed here, not inside each loss, so that it works the same
+    for every method and the losses stay the papers' own; it is logged as nll/chosen."""
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
-    pc, pr, pk, ntok = pair_logps(policy, vocab, P, idx, images, corrupted, args)
+    pc, pr, pk, ntok, chosen_tokens = pair_logps(policy, vocab, P, idx, images, corrupted, args)
     ref = P[f"ref_{int(images)}"][idx].to(pc.device)                              # (B, 3), cached
     rc, rr, rk = ref.unbind(1)
     m = {}
@@ -168,6 +174,10 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
             score_gap_mean=P["score_gap_mean"], generator=state["generator"])
         loss = (losses * keep).sum() / keep.sum()
         m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
+    nll = chosen_nll_loss(pc, chosen_tokens).mean()   # logged always; trained only with sft_weight > 0
+    if sft_weight > 0:
+        loss = loss + sft_weight * nll
+    m["nll/chosen"] = nll.item()
     m.update(preference_metrics(cr, rj))
     # the plain DPO loss at the base beta, whatever the method: ln 2 at policy == reference
     m["dpo_loss"] = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=args.beta)[0].mean().item()
@@ -176,20 +186,29 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state):
     return loss, m
 
 
-def train_pref(args, method, P, sft_path):
+def train_pref(args, method, P, sft_path, name=None):
     """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
-    (its log-probs are already cached in P). Writes out_dir/pref_<method>_s<seed>.pt; returns its path
+    (its log-probs are already cached in P). Writes out_dir/pref_<name>_s<seed>.pt (name: the method's,
+    unless given); returns its path
     and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...).
     Every --pref_ckpt_every steps the whole training state goes to <that path>.part (model, optimizer,
-    batch order and its RNG, DAMA's running gap and selection generator), which --resume continues."""
+    batch order and its RNG, DAMA's running gap and selection generator), which --resume continues.
+
+    The two remedies for the alignment tax: --sft_weight alpha adds RPO's NLL term on the chosen
+    response (pref_step_loss); --sft_mix gamma adds gamma x the SFT loss of one ordinary SFT batch
+    (--pref_batch fresh understanding and generation sequences, as in stage sft) to every step, as
+    InstructGPT mixes pretraining batches into PPO (arXiv:2203.02155, Eq. 2, "PPO-ptx")."""
     policy, tok, vocab, ck = load_model(sft_path, args.device)
     policy.train()
     seed_everything(args.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(args.seed)
     state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
+    mix_rng, mix_args = random.Random(args.seed + 7919), copy.copy(args)      # --sft_mix: its own data stream
+    mix_args.batch_size = args.pref_batch
     order, t_log, hist, curve, start = [], time.perf_counter(), [], [], 0
-    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+    name = name or method
+    path = os.path.join(args.out_dir, f"pref_{name}_s{args.seed}.pt")
     part, made_with = path + ".part", {"settings": settings(args), "sft_digest": file_digest(sft_path)}
     if args.resume and os.path.exists(part):
         pk = read_checkpoint(part, args.device, ("model", "optimizer", "step", "rng", "order", "gap_mean", "curve",
@@ -202,16 +221,23 @@ def train_pref(args, method, P, sft_path):
         opt.load_state_dict(pk["optimizer"])
         start, order, curve, state["gap_mean"] = pk["step"], list(pk["order"]), list(pk["curve"]), pk["gap_mean"]
         rng.setstate(pk["rng"]["data"])
+        mix_rng.setstate(pk["rng"]["mix"])
         torch.set_rng_state(pk["rng"]["torch"].cpu())
         state["generator"].set_state(pk["rng"]["dama"].cpu())
-        log(args, f"pref {method} s{args.seed} | resumed at step {start}")
+        log(args, f"pref {name} s{args.seed} | resumed at step {start}")
     for step in range(start + 1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
             order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
         idx, order = order[:args.pref_batch], order[args.pref_batch:]
         for g in opt.param_groups:
             g["lr"] = args.pref_lr * min(1.0, step / 10)
-        loss, m = pref_step_loss(policy, vocab, P, idx, method, args, state)
+        loss, m = pref_step_loss(policy, vocab, P, idx, method, args, state, args.sft_weight)
+        if args.sft_mix > 0:
+            ids, labels, task = sft.sft_batch(mix_rng, tok, vocab, mix_args)
+            with amp_context(args.device, args.dtype):
+                mixed = sft.sft_loss(policy, ids, labels, task, args.und_loss)[0]
+            loss = loss + args.sft_mix * mixed
+            m["sft_mix/loss"] = mixed.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
@@ -222,16 +248,16 @@ def train_pref(args, method, P, sft_path):
         if step % args.log_every == 0 or step == args.pref_steps:
             mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0] if k != "tokens"}
             dt = time.perf_counter() - t_log
-            log(args, f"pref {method} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
+            log(args, f"pref {name} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
                 + f" | {1000 * dt / len(hist):.0f} ms/step | {sum(h['tokens'] for h in hist) / dt:.0f} tok/s")
             hist, t_log = [], time.perf_counter()
         if step % args.pref_ckpt_every == 0 and step < args.pref_steps:
             save_atomic({"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "order": order,
                          "gap_mean": float(state["gap_mean"]), "curve": curve, **made_with,
-                         "rng": {"data": rng.getstate(), "torch": torch.get_rng_state(),
+                         "rng": {"data": rng.getstate(), "mix": mix_rng.getstate(), "torch": torch.get_rng_state(),
                                  "dama": state["generator"].get_state()}}, part)
     save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
-                 "config": vars(args), "method": method, "curve": curve, **made_with}, path)
+                 "config": vars(args), "method": method, "row": name, "curve": curve, **made_with}, path)
     if os.path.exists(part):
         os.remove(part)
     return path, curve

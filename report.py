@@ -319,8 +319,8 @@ def write(out_dir):
              f"Every table below comes from one SFT model (`sft.pt`, SHA-256 {sft}..., checked), "
              f"trained with seed {first.get('seed')}.", "",
              "| stage | wall time |", "|---|---|"]
-    lines += [f"| {k} | {_duration(v['seconds'])} |" for k, v in stages.items() if k != "all"]
-    lines += [f"| whole run | {_duration(stages['all']['seconds']) if 'all' in stages else 'not run as one'} |"]
+    lines += [f"| {k} | {duration(v['seconds'])} |" for k, v in stages.items() if k != "all"]
+    lines += [f"| whole run | {duration(stages['all']['seconds']) if 'all' in stages else 'not run as one'} |"]
     if len(commits) > 1:
         lines += ["", "The stages were run at different commits: "
                   + "; ".join(f"{k} {v['commit']}" for k, v in stages.items()) + "."]
@@ -341,5 +341,5 @@ def write(out_dir):
     return head
 
 
-def _duration(s):
+def duration(s):
     return f"{s:.0f} s" if s < 120 else f"{int(s // 60)} min {s % 60:.0f} s"

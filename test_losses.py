@@ -710,6 +710,34 @@ class TestMetrics(Case):
         self.assertBad("rejected_rewards", preference_metrics, t(0.1), t(0.1, 0.2))
 
 
+class TestChosenNLL(Case):
+    """RPO's NLL term: the chosen response's mean token cross-entropy, per pair."""
+
+    def test_hand_values_and_gradient(self):
+        pc = torch.tensor([-10.0, -6.0], requires_grad=True)
+        nll = losses.chosen_nll_loss(pc, torch.tensor([5, 2]))
+        self.assertEqual(nll.tolist(), [2.0, 3.0])          # 10 / 5, 6 / 2
+        nll.sum().backward()
+        self.assertClose(pc.grad, torch.tensor([-0.2, -0.5]))  # it pulls log pi(yw) up, shorter responses harder
+
+    def test_equals_the_token_mean_cross_entropy(self):
+        torch.manual_seed(0)
+        logits, labels = torch.randn(3, 7, 11), torch.randint(0, 11, (3, 7))
+        labels[:, :2] = -100
+        labels[2, 5:] = -100                                 # a shorter response
+        n = (labels[:, 1:] != -100).sum(1)
+        got = losses.chosen_nll_loss(sequence_logps(logits, labels), n)
+        for i in range(3):
+            want = F.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100)
+            self.assertAlmostEqual(got[i].item(), want.item(), places=5)
+
+    def test_bad_lengths_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "chosen_lengths must be >= 1"):
+            losses.chosen_nll_loss(torch.tensor([-1.0, -2.0]), torch.tensor([3, 0]))
+        with self.assertRaisesRegex(ValueError, "chosen_lengths must be a tensor of shape"):
+            losses.chosen_nll_loss(torch.tensor([-1.0, -2.0]), torch.tensor([3]))
+
+
 class TestStandalone(Case):
     def test_imports_only_torch_and_the_standard_library(self):
         with open(losses.__file__) as f:

@@ -2,9 +2,12 @@
 Tests of the understanding preference data and the pref stage (CPU, tiny sizes).
 Run: python -m unittest test_pref   (or: pytest test_pref.py)
 """
+import os
 import random
+import tempfile
 import types
 import unittest
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -12,6 +15,7 @@ import torch
 import data
 import pref
 import world
+from checkpoint import save_atomic
 from test_model import renders, tiny_model
 from model import PatchTokenizer
 
@@ -120,6 +124,44 @@ class TestPairs(unittest.TestCase):
             if method == "dpo":
                 self.assertAlmostEqual(loss.item(), float(np.log(2)), places=4)
 
+
+    def test_sft_weight_adds_rpo_nll_on_the_chosen_response(self):
+        tok, vocab, model, args, P = tiny_setup(n_pairs=8)
+        idx = list(range(8))
+        for method in ("dpo", "mdpo"):
+            state = {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)}
+            plain, m0 = pref.pref_step_loss(model, vocab, P, idx, method, args, dict(state))
+            with_nll, m1 = pref.pref_step_loss(model, vocab, P, idx, method, args, dict(state), sft_weight=0.7)
+            # the term, computed again: each chosen response's summed log-prob over its scored tokens
+            ids, labels = pref.pair_batch(vocab, P, idx, True, False)
+            chosen_logps = pref.chunked_logps(model, ids, labels)[:8]
+            n_tok = (labels[:8, 1:] != -100).sum(1)
+            self.assertTrue((n_tok > 1).all())
+            want = (-chosen_logps / n_tok).mean().item()
+            self.assertAlmostEqual(m0["nll/chosen"], want, places=4)
+            self.assertAlmostEqual(with_nll.item() - plain.item(), 0.7 * want, places=4, msg=method)
+
+    def test_sft_mix_adds_the_loss_of_an_sft_batch_to_every_step(self):
+        tok, vocab, model, args, P = tiny_setup(n_pairs=8)
+        with tempfile.TemporaryDirectory() as d:
+            sft_path = os.path.join(d, "sft.pt")
+            save_atomic({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": 512,
+                         "patch": 8, "tokenizer": tok.state_dict()}, sft_path)
+            run = {}
+            for gamma in (0.0, 2.0):
+                a = types.SimpleNamespace(**vars(args), out_dir=d, pref_lr=1e-3, pref_steps=2, pref_batch=4,
+                                          pref_ckpt_every=50, log_every=1, resume=False, sft_weight=0.0,
+                                          sft_mix=gamma, batch_size=4, und_frac=0.75, caption_noise=1.0,
+                                          cfg_drop=0.1, turns=2, und_loss="tokens")
+                path, curve = pref.train_pref(a, "dpo", P, sft_path)
+                run[gamma] = curve, torch.load(path, weights_only=True)["model"]
+            (plain, w0), (mixed, w1) = run[0.0], run[2.0]
+            self.assertNotIn("sft_mix/loss", plain[0])
+            self.assertGreater(mixed[0]["sft_mix/loss"], 0)
+            # step 1: the same weights and pairs, so the two losses differ by exactly gamma x the SFT loss
+            self.assertAlmostEqual(mixed[0]["loss"] - plain[0]["loss"], 2.0 * mixed[0]["sft_mix/loss"], places=4)
+            self.assertEqual(mixed[0]["dpo_loss"], plain[0]["dpo_loss"])
+            self.assertFalse(all(torch.equal(w0[k], w1[k]) for k in w0))
 
 if __name__ == "__main__":
     unittest.main()

@@ -22,7 +22,8 @@ TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "3
         "--steps", "40", "--ckpt_every", "5", "--log_every", "5", "--eval_n", "4", "--device", "cpu",
         "--pairs", "12", "--pref_steps", "16", "--pref_ckpt_every", "2", "--pref_batch", "4", "--pref_seeds", "1", "--gen_pairs", "6",
         "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4", "--probe_steps", "2", "--probe_n", "4",
-        "--self_prompts", "8", "--self_steps", "2", "--primer", "5", "--und_first", "10", "--warmup", "5"]
+        "--self_prompts", "8", "--self_steps", "2", "--primer", "5", "--und_first", "10", "--warmup", "5",
+        "--sft_mix", "0.5", "--sft_weight", "0.5"]   # the remedies' state (the SFT batches' stream) resumes too
 # what legitimately differs between two runs: times, paths, the --resume flag and the file digests it changes
 VOLATILE = {"seconds", "config", "checkpoint", "digest", "sft_digest", "kv_cache"}
 

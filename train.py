@@ -8,6 +8,8 @@ The command line of unipref: every setting is a flag here, and the pipeline runs
     python train.py --stage joint                    # do understanding and generation fight?
     python train.py --stage probe                    # does understanding inform generation?
     python train.py --stage report                   # rebuild out/report.md from the stages' outputs
+    python train.py --sft_seeds 3                    # the whole study from 3 SFT models: out/sft0, sft1, sft2
+    python train.py --stage tax                      # the alignment-tax sweep (not part of 'all')
 
 Stages (each in its own module): `tokenizer` fits the VQ codebook and `sft` trains understanding
 and generation jointly (sft.py); `eval` scores the SFT checkpoint (eval.py); `pref` trains DPO,
@@ -15,7 +17,10 @@ mDPO, DAMA and the papers' controls from the SFT model and compares them on the 
 benchmark (pref.py); `joint` adds preference optimisation for generation and joint
 understanding + generation training, with gradient diagnostics (joint.py); `probe` asks whether
 facts taught through understanding reach generation (probes.py); `report` writes out/report.md,
-out/report.json and out/curves.png (report.py). Everything lands in --out_dir.
+out/report.json and out/curves.png (report.py). Everything lands in --out_dir. `tax` sweeps the
+preference settings and the remedies for the alignment tax (tax.py). With --sft_seeds N > 1, each
+SFT seed k runs the stages in out_dir/sft<k> and out_dir/report.md reports them all, with each
+finding's "holds in k of N" (seeds.py).
 """
 import argparse
 import copy
@@ -31,9 +36,11 @@ import joint
 import pref
 import probes
 import report
+import seeds
 import sft
+import tax
 import world
-from checkpoint import command_line, log, pick_device, seed_everything, writable
+from checkpoint import command_line, global_rng_state, log, pick_device, seed_everything, set_global_rng_state, writable
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
@@ -52,13 +59,17 @@ STAGES = {
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # run
-parser.add_argument("--stage", default="all", choices=["all"] + list(STAGES) + ["report"],
-                    help="which stage to run; 'all' runs every stage in order, then writes the report; "
-                         "'report' rebuilds out_dir/report.md from the stages' outputs without training")
+parser.add_argument("--stage", default="all",
+                    help="which stage(s) to run: 'all' runs every stage in order, then writes the report; or one of "
+                         + ", ".join(STAGES) + ", or several, comma-separated ('sft,eval,pref'); 'tax' runs the "
+                         "alignment-tax sweep; 'report' rebuilds out_dir/report.md from the stages' outputs")
 parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
                     help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
 parser.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
 parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
+parser.add_argument("--sft_seeds", type=int, default=1,
+                    help="SFT models (seeds --seed ... --seed + N - 1) to run every stage from; N > 1 puts each in "
+                         "out_dir/sft<k> and reports all of them, mean +- std over every SFT x preference seed")
 parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (in that order)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="autocast dtype; auto = bfloat16 on CUDA that supports it, else float32")
@@ -125,6 +136,14 @@ parser.add_argument("--pref_batch", type=int, default=16, help="pairs per prefer
 parser.add_argument("--pref_ckpt_every", type=int, default=50,
                     help="steps between checkpoints of a preference run (what --resume continues)")
 parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
+parser.add_argument("--sft_weight", type=float, default=0.0,
+                    help="alpha of RPO's NLL term on the chosen response, added to every loss of stage pref "
+                         "(losses.chosen_nll_loss; TRL's rpo_alpha); logged as nll/chosen")
+parser.add_argument("--sft_mix", type=float, default=0.0,
+                    help="weight of the SFT loss of one ordinary SFT batch (--pref_batch sequences) added to every "
+                         "step of stage pref; logged as sft_mix/loss")
+parser.add_argument("--tax_bar", type=float, default=0.02,
+                    help="stage tax: the largest answer-accuracy drop from SFT that still meets the bar")
 # preference optimisation for generation and joint training (stage joint, joint.py; also uses the pref settings)
 parser.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
 parser.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
@@ -170,6 +189,14 @@ def resolve(args):
               "self_steps"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
+    if args.stage not in ("all", "tax", "report"):
+        unknown = [st for st in args.stage.split(",") if st not in STAGES]
+        if unknown:
+            parser.error(f"--stage {args.stage}: unknown stage {unknown[0]!r}; choose all, tax, report, or from "
+                         + ", ".join(STAGES))
+    if args.sft_seeds < 1 or args.sft_weight < 0 or args.sft_mix < 0 or args.tax_bar < 0:
+        parser.error(f"--sft_seeds must be >= 1 and --sft_weight, --sft_mix, --tax_bar >= 0, got "
+                     f"{args.sft_seeds}, {args.sft_weight}, {args.sft_mix}, {args.tax_bar}")
     if args.n_embd % args.n_head:
         parser.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.gen_temperature < 0 or (args.gen_beta is not None and args.gen_beta <= 0):
@@ -184,35 +211,64 @@ def resolve(args):
     return args
 
 
+def run_stage(args, name, argv):
+    """One stage in args.out_dir; returns False if --resume kept it (it finished before, the same way)."""
+    if args.resume and args.stage == "all" and report.finished_stage(args, name):
+        log(args, f"resume | stage {name} finished before with these settings: kept")
+        return False
+    report.begin_stage(args, name)
+    a = copy.copy(args)
+    # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
+    a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
+    t = time.perf_counter()
+    STAGES[name](a)
+    report.record_stage(args, name, time.perf_counter() - t, argv)
+    return True
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = resolve(parser.parse_args(argv))
     writable(args.out_dir)
     seed_everything(args.seed)
     print(json.dumps(vars(args), indent=1))
+    # one SFT model: everything in out_dir; N > 1: SFT model k (seed --seed + k) and its studies in out_dir/sft<k>
+    runs = [args]
+    if args.sft_seeds > 1:
+        runs = [copy.copy(args) for _ in range(args.sft_seeds)]
+        for k, a in enumerate(runs):
+            a.seed, a.out_dir = args.seed + k, seeds.seed_dir(args.out_dir, k)
+            writable(a.out_dir)
     if args.stage == "report":
-        report.write(args.out_dir)
-        return
-    t0, kept = time.perf_counter(), []
-    for name, run in STAGES.items():
-        if args.stage not in ("all", name):
-            continue
-        if args.resume and args.stage == "all" and report.finished_stage(args, name):
-            log(args, f"resume | stage {name} finished before with these settings: kept")
-            kept.append(name)
-            continue
-        report.begin_stage(args, name)
-        a = copy.copy(args)
-        # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
-        a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
-        t = time.perf_counter()
-        run(a)
-        report.record_stage(args, name, time.perf_counter() - t, argv)
-    total = time.perf_counter() - t0
-    log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s" + (f" (kept: {', '.join(kept)})" if kept else ""))
-    if args.stage == "all":
-        report.record_stage(args, "all", report.total_seconds(args.out_dir) if kept else total, argv)
-        report.write(args.out_dir)
+        if len(runs) == 1:
+            report.write(args.out_dir)
+    elif args.stage == "tax":
+        for a in runs:
+            seed_everything(a.seed)
+            tax.sweep(a)
+    else:
+        wanted = list(STAGES) if args.stage == "all" else args.stage.split(",")
+        t0, kept = time.perf_counter(), set()
+        rng = {}                # each run's global generators, as they would be had it run alone
+        for k, a in enumerate(runs):
+            seed_everything(a.seed)
+            rng[k] = global_rng_state()
+        for name in [n for n in STAGES if n in wanted]:   # stage by stage: an interrupted run of N models
+            for k, a in enumerate(runs):                  # holds every model's early stages
+                set_global_rng_state(rng[k])
+                if not run_stage(a, name, argv):
+                    kept.add(name)
+                rng[k] = global_rng_state()
+        total = time.perf_counter() - t0
+        log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s" + (f" (kept: {', '.join(sorted(kept))})"
+                                                                                if kept else ""))
+        if args.stage == "all":
+            for a in runs:
+                report.record_stage(a, "all", report.total_seconds(a.out_dir) if kept or len(runs) > 1 else total,
+                                    argv)
+                report.write(a.out_dir)
+    if len(runs) > 1 and args.stage != "tax":
+        seeds.write(args.out_dir, args.sft_seeds)
 
 
 if __name__ == "__main__":
