@@ -225,7 +225,7 @@ def train_row(args, row, PU, PG, sft_path):
     seed_everything(args.seed)
     params = list(policy.parameters())
     groups = layer_groups(policy)
-    opt = torch.optim.AdamW(params, lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.joint_lr, betas=(0.9, 0.95), weight_decay=0.0)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
     N = len(PG["pairs"][0].chosen) + 1
@@ -242,7 +242,7 @@ def train_row(args, row, PU, PG, sft_path):
     hist, diag, t_log = {"und": [], "gen": []}, [], time.perf_counter()
     for step in range(1, args.joint_steps + 1):
         for gr in opt.param_groups:
-            gr["lr"] = args.pref_lr * min(1.0, step / 10)
+            gr["lr"] = args.joint_lr * min(1.0, step / 10)
         measure = step == 1 or step % args.diag_every == 0
         grads, halves = {}, {}
         for t, (P, method, a) in tasks.items():
@@ -362,7 +362,7 @@ def study(args):
     layer_cols = [c for c in rows[rows_wanted[0]][0] if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
     head = (f"`python train.py --stage joint` | {args.pref_seeds} seed(s) from one SFT model | "
             f"{args.pairs} understanding + {args.gen_pairs} generation pairs per seed, {args.joint_steps} steps "
-            f"of {args.pref_batch} + {args.pref_batch} pairs, beta {args.beta}, lr {args.pref_lr} | generation "
+            f"of {args.pref_batch} + {args.pref_batch} pairs, beta {args.beta}, lr {args.joint_lr} | generation "
             f"sampled at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} (pairs and eval), {args.joint_eval_n} "
             f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")

@@ -37,6 +37,11 @@ METHODS = {
     "mdpo_nocond": ("mdpo", True, {"use_conditional": False}),
     "mdpo_noanchor": ("mdpo", True, {"use_anchor": False}),
 }
+# the comparison's rows for the two remedies of the alignment tax: row -> (method, flags set for that row)
+REMEDY_ROWS = {
+    "dpo + NLL (sft_weight 1)": ("dpo", {"sft_weight": 1.0}),   # RPO's alpha = 1
+    "dpo + SFT mix (sft_mix 0.5)": ("dpo", {"sft_mix": 0.5}),
+}
 
 # -----------------------------------------------------------------------------
 # stage 3: preference optimisation for understanding (DPO, mDPO, DAMA and the controls)
@@ -263,10 +268,10 @@ def train_pref(args, method, P, sft_path, name=None):
     return path, curve
 
 
-def finished_pref(args, method, sft_path):
-    """For --resume: (path, curve) of a preference run that already finished with these settings
-    from this SFT model, else None."""
-    path = os.path.join(args.out_dir, f"pref_{method}_s{args.seed}.pt")
+def finished_pref(args, name, sft_path):
+    """For --resume: (path, curve) of the preference run `name` that already finished with these
+    settings from this SFT model, else None."""
+    path = os.path.join(args.out_dir, f"pref_{name}_s{args.seed}.pt")
     if not (args.resume and os.path.exists(path)):
         return None
     ck = read_checkpoint(path, args.device, ("model",), "preference checkpoint")
@@ -289,7 +294,9 @@ def compare(args):
     """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
     with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
     sft = os.path.join(args.out_dir, "sft.pt")
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    # (row, method, flags): every method at the run's settings, then the remedies' rows
+    wanted = [(m, m, {}) for m in (METHODS if args.method == "all" else [args.method])]
+    wanted += [(row, m, flags) for row, (m, flags) in REMEDY_ROWS.items() if args.method == "all"]
     seeds = [args.seed + i for i in range(args.pref_seeds)]
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
@@ -303,20 +310,24 @@ def compare(args):
         a = copy.copy(args)
         a.seed = seed
         P = preference_data(a, sft)
-        for m in methods:
-            t = time.perf_counter()
-            done = finished_pref(a, m, sft)
+        for row, m, flags in wanted:
+            t, b, name = time.perf_counter(), copy.copy(a), row.split(" (")[0].replace(" + ", "+").replace(" ", "_")
+            for k, v in flags.items():
+                setattr(b, k, v)
+            done = finished_pref(b, name, sft)
             if done:
-                log(args, f"resume | pref {m} s{seed} finished before with these settings: kept")
-            path, curve = done or train_pref(a, m, P, sft)
-            rows.setdefault(m, []).append(bench(path))
-            curves.setdefault(m, []).append(curve)
-            log(args, f"pref {m} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
+                log(args, f"resume | pref {name} s{seed} finished before with these settings: kept")
+            path, curve = done or train_pref(b, m, P, sft, name=name)
+            rows.setdefault(row, []).append(bench(path))
+            curves.setdefault(row, []).append(curve)
+            log(args, f"pref {name} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
     table = evaluation.compare_table(rows)
     seconds = time.perf_counter() - t0
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
             f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
-            f"lr {args.pref_lr} | {args.eval_n} held-out scenes per split | {args.device} | {seconds:.0f} s\n\n")
+            f"lr {args.pref_lr}, sft_weight {args.sft_weight}, sft_mix {args.sft_mix}; the rows '+ NLL' and '+ SFT mix' "
+            f"add a remedy for the alignment tax | {args.eval_n} held-out scenes per split | {args.device} | "
+            f"{seconds:.0f} s\n\n")
     write_atomic(os.path.join(args.out_dir, "compare.md"), head + table)
     write_atomic(os.path.join(args.out_dir, "compare.json"), json.dumps(
         {"sft_digest": file_digest(sft), "seconds": seconds, "seeds": seeds, "config": vars(args),

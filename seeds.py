@@ -17,6 +17,7 @@ import numpy as np
 
 import eval as evaluation
 import joint
+import pref
 import probes
 import report
 from checkpoint import Refused, file_digest, write_atomic
@@ -53,6 +54,7 @@ def _trained(f, key):   # the joint-study rows that trained something
     return [v for row, v in f[key].items() if row != "SFT"]
 
 
+NLL, MIX = list(pref.REMEDY_ROWS)
 # (finding, the stage output it is read from, f -> (holds, what was measured)); f = facts(stem, rows)
 CLAIMS = [
     ("DPO lowers bias CHAIR_i by at least half", "compare",
@@ -74,10 +76,15 @@ CLAIMS = [
     ("DAMA cuts bias CHAIR_i by at least 90%", "compare",
      lambda f: (f["CHAIR_i"]["dama"] <= 0.1 * f["CHAIR_i"]["sft"], _arrow(f["CHAIR_i"]["sft"], f["CHAIR_i"]["dama"]))),
     ("the tax: mDPO's test answer accuracy stays within 0.02 of SFT's", "compare",
-     lambda f: (f["acc"]["sft"] - f["acc"]["mdpo"] <= 0.02, _arrow(f["acc"]["sft"], f["acc"]["mdpo"]))),
+     lambda f: (f["acc"]["sft"] - f["acc"]["mdpo"] <= 0.02 + 1e-9, _arrow(f["acc"]["sft"], f["acc"]["mdpo"]))),
     ("mDPO pays less tax than DPO and DAMA", "compare",
      lambda f: (f["acc"]["mdpo"] > max(f["acc"]["dpo"], f["acc"]["dama"]),
                 f"{f['acc']['mdpo']:.3f} vs {f['acc']['dpo']:.3f}, {f['acc']['dama']:.3f}")),
+    ("the NLL term on the chosen response stops DPO from saying less (bias Cover >= 0.95)", "compare",
+     lambda f: (f["Cover"][NLL] >= 0.95, f"Cover {f['Cover']['dpo']:.3f} -> {f['Cover'][NLL]:.3f}")),
+    ("mixing SFT batches keeps DPO's test answer accuracy within 0.02 of SFT's", "compare",
+     lambda f: (f["acc"]["sft"] - f["acc"][MIX] <= 0.02 + 1e-9, f"{f['acc']['sft']:.3f} -> {f['acc'][MIX]:.3f} "
+                                                          f"(DPO {f['acc']['dpo']:.3f})")),
     ("the generation DPO loss leaves ln 2 (below 0.65 at the end)", "study",
      lambda f: (f["dpo_loss_gen_end"]["gen DPO"] < 0.65, f"{f['dpo_loss_gen_end']['gen DPO']:.3f}")),
     ("no 11-14x norm gap: rho = |g_U|/|g_G| above 1/11 in every trained row", "study",

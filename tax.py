@@ -2,12 +2,12 @@
 The alignment tax: what preference training costs understanding, and what buys it back.
 
     python train.py --stage tax                      # from out/sft.pt: every setting x DPO, mDPO, DAMA, one seed
-    python train.py --stage tax --pref_seeds 3       # the same with 3 seeds
+    python train.py --stage tax --tax_seeds 3        # the same with 3 seeds
 
 Every run starts from the same SFT model and trains on the same pairs (built once per seed:
 the pairs, the reference's log-probs and DAMA's scores do not depend on what is swept). The
 sweep changes one setting at a time from the plain losses (no remedy; the run's other flags as
-given): the learning rate, the number of steps and beta, then the two remedies, RPO's NLL term
+given; lr 1e-4, 200 steps, beta 0.1): the learning rate, the number of steps and beta, then the two remedies, RPO's NLL term
 on the chosen response (--sft_weight) and SFT batches mixed into every step (--sft_mix).
 Each run is scored with the hallucination benchmark (eval.hallucination). A setting "meets the
 bar" for a method when its answer accuracy on ordinary test scenes stays within --tax_bar of the
@@ -24,7 +24,9 @@ import report
 import world
 from checkpoint import file_digest, load_model, log, settings, write_atomic
 
-PLAIN = {"sft_weight": 0.0, "sft_mix": 0.0}
+# where the sweep starts: the plain losses at the settings the comparison used before the tax was
+# measured (its default lr is now 1e-5, the row "lr 1e-5"); the other flags are the run's
+PLAIN = {"pref_lr": 1e-4, "pref_steps": 200, "beta": 0.1, "sft_weight": 0.0, "sft_mix": 0.0}
 # (name, flags changed from the plain losses)
 GRID = [("plain", {}),
         ("lr 3e-5", {"pref_lr": 3e-5}), ("lr 1e-5", {"pref_lr": 1e-5}),
@@ -34,6 +36,11 @@ GRID = [("plain", {}),
         ("sft_weight 3", {"sft_weight": 3.0}),
         ("sft_mix 0.5", {"sft_mix": 0.5}), ("sft_mix 1", {"sft_mix": 1.0})]
 METHODS = ("dpo", "mdpo", "dama")
+# what one run of the sweep depends on, besides the SFT model (its digest) and the setting: --resume
+# keeps a recorded run when these agree, whatever the flags of other stages or the number of seeds
+RUN_FLAGS = ("seed", "device", "dtype", "cooc", "caption_noise", "pairs", "onpolicy", "exists_frac", "length_matched",
+             "beta", "pref_steps", "pref_batch", "pref_lr", "sft_weight", "sft_mix", "grad_clip", "batch_size",
+             "und_frac", "und_loss", "turns", "cfg_drop", "eval_n", "eval_seed")
 COLS = [("bias", "CHAIR_i"), ("bias", "CHAIR_s"), ("bias", "Cover"), ("bias", "length"),
         ("bias", "POPE adversarial F1"), ("test", "answer_acc"), ("test", "answer_colour"),
         ("test", "answer_shape"), ("test", "answer_count"), ("test", "answer_exists")]
@@ -41,18 +48,18 @@ COLS = [("bias", "CHAIR_i"), ("bias", "CHAIR_s"), ("bias", "Cover"), ("bias", "l
 
 def meets_bar(r, sft, bar):
     """True if run r keeps test answer accuracy within `bar` of the SFT model's and halves bias CHAIR_i."""
-    return (sft["test"]["answer_acc"] - r["test"]["answer_acc"] <= bar
+    return (sft["test"]["answer_acc"] - r["test"]["answer_acc"] <= bar + 1e-9     # (0.99 - 0.97 > 0.02 in floats)
             and r["bias"]["CHAIR_i"] <= 0.5 * sft["bias"]["CHAIR_i"])
 
 
 def table(sft, runs, bar):
     """runs: {(setting, method): [hallucination() per seed]} -> the sweep's Markdown table."""
-    rows = {"sft": [sft], **{f"{m} | {name}": rs for (name, m), rs in sorted(runs.items(), key=_order)}}
+    rows = {"sft | -": [sft], **{f"{m} | {name}": rs for (name, m), rs in sorted(runs.items(), key=_order)}}
     text = report.seed_table(rows, COLS, lambda r, c: evaluation.compare_value(r, *c),
                                         [f"{s} {c.replace('answer_', 'ans ')}" for s, c in COLS], first="method | setting")
     lines = text.rstrip("\n").split("\n")
     lines[0] += " tax | meets the bar |"
-    lines[1] += "---|---|"
+    lines[1] += "---|---|---|"                 # (the first head names two columns)
     for k, rs in enumerate(rows.values(), start=2):
         tax = sum(sft["test"]["answer_acc"] - r["test"]["answer_acc"] for r in rs) / len(rs)
         ok = sum(meets_bar(r, sft, bar) for r in rs)
@@ -65,8 +72,12 @@ def _order(item):
     return METHODS.index(method), [g for g, _ in GRID].index(name)
 
 
+def _run_flags(s):
+    return {k: s.get(k) for k in RUN_FLAGS}
+
+
 def sweep(args):
-    """Stage tax: every GRID setting x METHODS x --pref_seeds from out_dir/sft.pt; out_dir/tax.{md,json}.
+    """Stage tax: every GRID setting x METHODS x --tax_seeds from out_dir/sft.pt; out_dir/tax.{md,json}.
     With --resume, runs already in tax.json with the same settings and SFT model are kept."""
     sft = os.path.join(args.out_dir, "sft.pt")
     digest, stats = file_digest(sft), world.training_statistics(cooc=args.cooc)
@@ -81,7 +92,7 @@ def sweep(args):
     model, tok, vocab, _ = load_model(sft, args.device)
     base = evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
     records, runs = [], {}
-    for k in range(args.pref_seeds):
+    for k in range(args.tax_seeds):
         a = copy.copy(args)
         a.seed, a.resume = args.seed + k, False
         P = None
@@ -91,7 +102,7 @@ def sweep(args):
                 for key, v in {**PLAIN, **flags}.items():
                     setattr(b, key, v)
                 rec = done.get((name, method, b.seed))
-                if rec is None or rec["settings"] != settings(b):
+                if rec is None or _run_flags(rec["settings"]) != _run_flags(settings(b)):
                     P = P or pref.preference_data(a, sft)
                     t = time.perf_counter()
                     ckpt, _ = pref.train_pref(b, method, P, sft, name=f"tax_{method}_{name.replace(' ', '_')}")
@@ -109,9 +120,9 @@ def sweep(args):
                 write_atomic(path, json.dumps({"sft_digest": digest, "sft": {s: base[s] for s in ("test", "bias")},
                                                "bar": args.tax_bar, "runs": records}, indent=1))
     seconds = time.perf_counter() - t0
-    head = (f"`python train.py --stage tax` | {args.pref_seeds} seed(s) per setting, from one SFT model | "
-            f"plain losses: {args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
-            f"lr {args.pref_lr}; each row changes one of these, or adds a remedy | {args.eval_n} held-out scenes "
+    head = (f"`python train.py --stage tax` | {args.tax_seeds} seed(s) per setting, from one SFT model | "
+            f"plain losses: {args.pairs} pairs, {PLAIN['pref_steps']} steps of {args.pref_batch} pairs, beta "
+            f"{PLAIN['beta']}, lr {PLAIN['pref_lr']:g}; each row changes one of these, or adds a remedy | {args.eval_n} held-out scenes "
             f"per split | tax = SFT test answer_acc - the run's | the bar: tax <= {args.tax_bar} and bias CHAIR_i "
             f"<= half the SFT model's | {args.device} | {seconds:.0f} s\n\n")
     text = head + table(base, runs, args.tax_bar)

@@ -156,7 +156,7 @@ class TestJointTraining(unittest.TestCase):
             sft = os.path.join(d, "sft.pt")
             torch.save({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": tok.n_codes,
                         "patch": tok.patch, "tokenizer": tok.state_dict()}, sft)
-            args = types.SimpleNamespace(**vars(args), out_dir=d, pref_lr=1e-3, pref_batch=4, joint_steps=2,
+            args = types.SimpleNamespace(**vars(args), out_dir=d, joint_lr=1e-3, pref_batch=4, joint_steps=2,
                                          gen_beta=None, diag_every=1, log_every=1, eval_seed=0)
             P = joint.gen_pair_data(model, vocab, pairs, args)
             PG = {"on": P, "real": P}

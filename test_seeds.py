@@ -8,6 +8,7 @@ import tempfile
 import unittest
 from unittest import mock
 
+import pref
 import seeds
 import tax
 import train
@@ -25,6 +26,7 @@ def comparison(sft=(0.20, 1.0, 0.99), **methods):
     """compare.json rows of one SFT model: every method at the given (CHAIR_i, Cover, answer_acc), two seeds."""
     base = dict(dpo=(0.02, 0.3, 0.93), mdpo=(0.0, 0.99, 0.98), dama=(0.01, 0.2, 0.92), dpo_noimage=(0.1, 0.8, 0.95),
                 mdpo_nocond=(0.0, 0.99, 0.97), mdpo_noanchor=(0.01, 0.5, 0.9))
+    base.update(zip(pref.REMEDY_ROWS, [(0.0, 0.97, 0.95), (0.0, 0.9, 0.985)]))
     base.update(methods)
     return {"sft": [row(*sft)], **{m: [row(*v), row(*v)] for m, v in base.items()}}
 

@@ -135,13 +135,16 @@ parser.add_argument("--pref_steps", type=int, default=200, help="preference opti
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
 parser.add_argument("--pref_ckpt_every", type=int, default=50,
                     help="steps between checkpoints of a preference run (what --resume continues)")
-parser.add_argument("--pref_lr", type=float, default=1e-4, help="preference learning rate (AdamW, constant after warm-up)")
+parser.add_argument("--pref_lr", type=float, default=1e-5,
+                    help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
+                         "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
 parser.add_argument("--sft_weight", type=float, default=0.0,
                     help="alpha of RPO's NLL term on the chosen response, added to every loss of stage pref "
                          "(losses.chosen_nll_loss; TRL's rpo_alpha); logged as nll/chosen")
 parser.add_argument("--sft_mix", type=float, default=0.0,
                     help="weight of the SFT loss of one ordinary SFT batch (--pref_batch sequences) added to every "
                          "step of stage pref; logged as sft_mix/loss")
+parser.add_argument("--tax_seeds", type=int, default=1, help="stage tax: seeds per setting")
 parser.add_argument("--tax_bar", type=float, default=0.02,
                     help="stage tax: the largest answer-accuracy drop from SFT that still meets the bar")
 # preference optimisation for generation and joint training (stage joint, joint.py; also uses the pref settings)
@@ -152,6 +155,9 @@ parser.add_argument("--gen_temperature", type=float, default=1.0,
                     help="sampling temperature of generation pairs and of the study's generation scores")
 parser.add_argument("--gen_beta", type=float, default=None,
                     help="generation beta of the per-task-beta strategy (default: beta * T / N, equal beta x tokens)")
+parser.add_argument("--joint_lr", type=float, default=1e-4,
+                    help="learning rate of the joint study's runs (its findings were measured at 1e-4; "
+                         "its rows train the plain losses, without --sft_weight / --sft_mix)")
 parser.add_argument("--joint_steps", type=int, default=120,
                     help="optimizer steps of each joint-study run (--pref_batch understanding + --pref_batch generation pairs)")
 parser.add_argument("--joint_eval_n", type=int, default=100, help="held-out examples per task in the joint study's evaluation")
@@ -184,7 +190,7 @@ def resolve(args):
         if getattr(args, k) < 0:
             parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
     for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
-              "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "gen_pairs", "gen_k",
+              "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "joint_lr", "tax_seeds", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
               "self_steps"):
         if getattr(args, k) <= 0:
