@@ -214,7 +214,7 @@ STAGE_OUTPUTS = {"tokenizer": ("tokenizer.pt",), "sft": ("sft.pt",), "eval": ("e
 
 def _load_run(out_dir):
     path = os.path.join(out_dir, "run.json")
-    return _read_json(path) if os.path.exists(path) else {"stages": {}}
+    return read_json(path) if os.path.exists(path) else {"stages": {}}
 
 
 def _save_run(out_dir, run):
@@ -274,7 +274,7 @@ def _now():
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
-def _read_json(path):
+def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
@@ -292,11 +292,11 @@ def _need(out_dir, name, stage):
 
 def write(out_dir):
     """out_dir/report.md, report.json and curves.png from the stages' outputs in out_dir."""
-    run = _read_json(_need(out_dir, "run.json", "all"))
+    run = read_json(_need(out_dir, "run.json", "all"))
     sft = file_digest(_need(out_dir, "sft.pt", "sft"))
     results, md = {}, {}
     for stem, stage, _ in SECTIONS:
-        results[stem] = _read_json(_need(out_dir, stem + ".json", stage))
+        results[stem] = read_json(_need(out_dir, stem + ".json", stage))
         with open(_need(out_dir, stem + ".md", stage)) as f:
             md[stem] = f.read().strip()
         made_from = results[stem].get("digest" if stem == "eval_sft" else "sft_digest")

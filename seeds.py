@@ -128,14 +128,6 @@ def check_claims(per_model):
 # -----------------------------------------------------------------------------
 # the report over all SFT models
 
-def _load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise Refused(f"error: cannot read {path}: {e}")
-
-
 def sft_table(evals, digests, seeds):
     cols = ["answer_acc", "shape", "count", "GenEval T=0", "GenEval T=1", "position T=0", "bias CHAIR_i",
             "bias Cover"]
@@ -171,14 +163,14 @@ def write(out_dir, n):
             if not os.path.exists(os.path.join(d, need)):
                 raise Refused(f"error: {os.path.join(d, need)} is missing; run `python train.py --sft_seeds {n}` first")
         digest = file_digest(sft)
-        runs.append(_load(os.path.join(d, "run.json")))
-        evals.append(_load(os.path.join(d, "eval_sft.json")))
+        runs.append(report.read_json(os.path.join(d, "run.json")))
+        evals.append(report.read_json(os.path.join(d, "eval_sft.json")))
         digests.append(digest)
         model = {}
         for stem, stage, _ in STEMS:
             path = os.path.join(d, stem + ".json")
             if os.path.exists(path):
-                res = _load(path)
+                res = report.read_json(path)
                 if res.get("sft_digest") != digest:
                     raise Refused(f"error: {path} was made from another SFT model than {sft}: rerun "
                                   f"`python train.py --sft_seeds {n} --stage {stage}`")

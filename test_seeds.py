@@ -106,6 +106,10 @@ class TestSeveralSftModels(unittest.TestCase):
                 rep = json.load(f)
             self.assertEqual(len(rep["pooled"]["compare"]["dpo"]), 2)            # 2 SFT models x 1 preference seed
             self.assertEqual(len(rep["pooled"]["compare"]["sft"]), 2)
+            # --stage report rebuilds it from the two directories, byte for byte
+            train.main(TINY + ["--out_dir", d, "--sft_seeds", "2", "--stage", "report"])
+            with open(os.path.join(d, "report.md")) as f:
+                self.assertEqual(f.read(), md)
             # a result from another SFT model is refused
             other = os.path.join(d, "sft1", "compare.json")
             with open(other) as f:
