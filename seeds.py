@@ -114,12 +114,15 @@ CLAIMS = [
 
 
 def check_claims(per_model):
-    """per_model: [{stem: rows}] one dict per SFT model -> [(claim, [(holds, measured) per model])];
-    a finding whose stage did not run is left out."""
+    """per_model: [{stem: rows}] one dict per SFT model -> [(claim, [(holds, measured) per model that
+    ran the finding's stage])]; a finding whose stage ran on no model is left out."""
     out = []
     for claim, stem, test in CLAIMS:
+        ran = [m[stem] for m in per_model if stem in m]
+        if not ran:
+            continue
         try:
-            out.append((claim, [test(facts(stem, m[stem])) for m in per_model]))
+            out.append((claim, [test(facts(stem, rows)) for rows in ran]))
         except KeyError:     # the stage, or a row the finding needs (--method, --rows), did not run
             continue
     return out
@@ -145,10 +148,10 @@ def sft_table(evals, digests, seeds):
     return "\n".join(lines) + "\n"
 
 
-def claims_table(checked, n):
+def claims_table(checked):
     lines = ["| finding | holds in | measured, per SFT model |", "|---|---|---|"]
     for claim, res in checked:
-        lines.append(f"| {claim} | {sum(h for h, _ in res)} of {n} | "
+        lines.append(f"| {claim} | {sum(h for h, _ in res)} of {len(res)} | "
                      + "; ".join(("" if h else "**not**: ") + v for h, v in res) + " |")
     return "\n".join(lines) + "\n"
 
@@ -190,14 +193,15 @@ def write(out_dir, n):
              + ", ".join(report.duration(s) for s in seconds) + f"; in all {report.duration(sum(seconds))}.", "",
              "Every table pools all runs: mean ± std over every SFT model x preference seed (the SFT rows: over the "
              "SFT models). Each finding is checked on each SFT model, on the mean over its preference seeds.", "",
-             "## Findings", "", claims_table(check_claims(per_model), n).rstrip(),
+             "## Findings", "", claims_table(check_claims(per_model)).rstrip(),
              "", "## The SFT models", "", sft_table(evals, digests, seeds).rstrip()]
     pooled = {}
     for stem, _, title in STEMS:
-        if not all(stem in m for m in per_model):
+        ran = [m for m in per_model if stem in m]
+        if not ran:
             continue
         rows = {}
-        for m in per_model:
+        for m in ran:
             for name, rs in m[stem].items():
                 rows.setdefault(name, []).extend(rs)
         pooled[stem] = rows
@@ -208,7 +212,12 @@ def write(out_dir, n):
                      + report.seed_table({k: v for k, v in rows.items() if k != "SFT"}, joint.DIAG_COLS))
         else:
             table = report.seed_table(rows, probes.COLS, heads=probes.HEADS, first="family")
-        lines += ["", f"## {title}", "", table.rstrip()]
+        lines += ["", f"## {title}", ""]
+        if len(ran) < n:       # an interrupted run: say which models this section comes from
+            lines += [f"From {len(ran)} of the {n} SFT models (" + ", ".join(
+                os.path.basename(d) for d, m in zip(dirs, per_model) if stem in m) + "): the stage did not finish "
+                "on the others.", ""]
+        lines += [table.rstrip()]
     text = "\n".join(lines) + "\n"
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(

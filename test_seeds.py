@@ -45,7 +45,7 @@ class TestClaims(unittest.TestCase):
                          [True, False])
         # the findings of stages that did not run are left out
         self.assertFalse([c for c in checked if "generation" in c])
-        table = seeds.claims_table(list(checked.items()), 2)
+        table = seeds.claims_table(list(checked.items()))
         self.assertIn("| mDPO pays less tax than DPO and DAMA | 2 of 2 |", table)
         self.assertIn("| 1 of 2 | CHAIR_i 0.000, Cover 0.990; **not**: CHAIR_i 0.000, Cover 0.600 |", table)
 
@@ -119,6 +119,11 @@ class TestSeveralSftModels(unittest.TestCase):
                 json.dump(res, f)
             with self.assertRaisesRegex(SystemExit, "sft1/compare.json was made from another SFT model"):
                 seeds.write(d, 2)
+            # a stage that did not finish on every model: the report says from which, the findings count those
+            os.remove(other)
+            md = seeds.write(d, 2)
+            self.assertIn("From 1 of the 2 SFT models (sft0): the stage did not finish on the others.", md)
+            self.assertRegex(md, r"\| DPO lowers bias CHAIR_i by at least half \| [01] of 1 \|")
 
     def test_bad_stage_lists_and_weights_are_refused(self):
         for argv, msg in ((["--stage", "sft,evil"], "unknown stage 'evil'"),
