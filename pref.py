@@ -290,6 +290,12 @@ def preference_data(args, sft_path):
     return P
 
 
+def bench(path, args, stats):
+    """The hallucination benchmark (eval.hallucination) of the checkpoint at `path`."""
+    model, tok, vocab, _ = load_model(path, args.device)
+    return evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
+
+
 def compare(args):
     """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
     with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
@@ -301,11 +307,7 @@ def compare(args):
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
 
-    def bench(path):
-        model, tok, vocab, _ = load_model(path, args.device)
-        return evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
-
-    rows, curves = {"sft": [bench(sft)]}, {}
+    rows, curves = {"sft": [bench(sft, args, stats)]}, {}
     for seed in seeds:
         a = copy.copy(args)
         a.seed = seed
@@ -318,7 +320,7 @@ def compare(args):
             if done:
                 log(args, f"resume | pref {name} s{seed} finished before with these settings: kept")
             path, curve = done or train_pref(b, m, P, sft, name=name)
-            rows.setdefault(row, []).append(bench(path))
+            rows.setdefault(row, []).append(bench(path, args, stats))
             curves.setdefault(row, []).append(curve)
             log(args, f"pref {name} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
     table = evaluation.compare_table(rows)

@@ -22,7 +22,7 @@ import eval as evaluation
 import pref
 import report
 import world
-from checkpoint import file_digest, load_model, log, settings, write_atomic
+from checkpoint import file_digest, log, settings, write_atomic
 
 # where the sweep starts: the plain losses at the settings the comparison used before the tax was
 # measured (its default lr is now 1e-5, the row "lr 1e-5"); the other flags are the run's
@@ -89,8 +89,7 @@ def sweep(args):
         if old.get("sft_digest") == digest:
             done = {(r["setting"], r["method"], r["seed"]): r for r in old["runs"]}
     t0 = time.perf_counter()
-    model, tok, vocab, _ = load_model(sft, args.device)
-    base = evaluation.hallucination(model, tok, vocab, args.eval_n, args.device, args.dtype, args.eval_seed, stats)
+    base = pref.bench(sft, args, stats)
     records, runs = [], {}
     for k in range(args.tax_seeds):
         a = copy.copy(args)
@@ -106,9 +105,7 @@ def sweep(args):
                     P = P or pref.preference_data(a, sft)
                     t = time.perf_counter()
                     ckpt, _ = pref.train_pref(b, method, P, sft, name=f"tax_{method}_{name.replace(' ', '_')}")
-                    policy, tok, vocab, _ = load_model(ckpt, args.device)
-                    r = evaluation.hallucination(policy, tok, vocab, args.eval_n, args.device, args.dtype,
-                                                 args.eval_seed, stats)
+                    r = pref.bench(ckpt, args, stats)
                     os.remove(ckpt)          # the numbers are kept, not the 42 checkpoints
                     rec = {"setting": name, "method": method, "seed": b.seed, "settings": settings(b),
                            "result": {s: r[s] for s in ("test", "bias")}}
