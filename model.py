@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import sequence_logps
 
 
 def amp_context(device, dtype):
@@ -128,12 +127,20 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))                                 # (B, nh, T, hs)
         if cache is not None:
-            if "k" in cache:
-                if T != 1:
-                    raise ValueError("with a filled KV cache, feed one token at a time")
-                k = torch.cat([cache["k"], k], dim=2)                  # (B, nh, T_past + 1, hs)
-                v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            # a buffer allocated once for the whole decode (cache["size"] positions), written in place:
+            # concatenating onto a growing cache copied it all at every step
+            if "k" not in cache:
+                size = cache.get("size", T)
+                cache["k"], cache["v"] = (t.new_empty(B, self.n_head, size, C // self.n_head) for t in (k, v))
+                cache["len"] = 0
+            elif T != 1:
+                raise ValueError("with a filled KV cache, feed one token at a time")
+            t0 = cache["len"]
+            if t0 + T > cache["k"].size(2):
+                raise ValueError(f"KV cache of {cache['k'].size(2)} positions is full")
+            cache["k"][:, :, t0:t0 + T], cache["v"][:, :, t0:t0 + T] = k, v
+            cache["len"] = t0 + T
+            k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]   # (B, nh, T_past + T, hs)
         # causal among the new tokens; a single new token may attend to everything cached
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -197,12 +204,14 @@ class GPT(nn.Module):
         img = self.code_proj(self.code_pixels)                          # (n_codes, C)
         return self.wte.weight + F.pad(img, (0, 0, n_text, 0))          # (V, C)
 
-    def forward(self, idx, caches=None, table=None):
+    def forward(self, idx, caches=None, table=None, at=None):
         """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None.
         `table`: embedding_table() if the caller already has it (one computation for several
-        forwards of one step; its gradient flows back the same way)."""
+        forwards of one step; its gradient flows back the same way).
+        `at`: (B, T) bool, the positions whose logits are wanted: then (N, V), in row-major order
+        (training scores a quarter of the positions; the output head is the model's widest matmul)."""
         B, T = idx.size()
-        start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0
+        start = caches[0]["len"] if caches and "k" in caches[0] else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         table = self.embedding_table() if table is None else table        # (V, C)
@@ -212,7 +221,9 @@ class GPT(nn.Module):
             x = x + self.cell_embedding(idx, table, caches)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches is not None else None)
-        return self.ln_f(x) @ table.t()                                 # (B, T, V), tied output head
+        if at is not None:
+            x = x[at]                                                   # (N, C)
+        return self.ln_f(x) @ table.t()                                 # (B, T, V) or (N, V): tied output head
 
     def cell_embedding(self, idx, table, caches=None):
         """(B, T, C): for an image token, the embeddings of its cell's words ("top" + "left"), so
@@ -238,7 +249,7 @@ class GPT(nn.Module):
         uncond_idx (B, T'), cfg_scale w: classifier-free guidance, logits = (1+w)*cond - w*uncond
             (Show-o), the unconditional branch being the same request without its prompt."""
         branches = [idx] + ([uncond_idx] if uncond_idx is not None else [])
-        caches = [[{} for _ in self.blocks] if use_cache else None for _ in branches]
+        caches = [[{"size": b.size(1) + n_new} for _ in self.blocks] if use_cache else None for b in branches]
         out = idx.new_empty(idx.size(0), 0)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         new, table = None, self.embedding_table()                     # fixed while decoding
@@ -260,7 +271,7 @@ class GPT(nn.Module):
                 if top_k is not None:
                     kth = torch.topk(lg, min(top_k, lg.size(-1)), dim=-1).values[:, -1:]
                     lg = lg.masked_fill(lg < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(lg, -1), 1, generator=generator).squeeze(1)
+                nxt = sample(F.softmax(lg, -1), generator)
             if stop is not None:
                 nxt = torch.where(done, torch.full_like(nxt, stop), nxt)
                 done = done | (nxt == stop)
@@ -269,6 +280,15 @@ class GPT(nn.Module):
             if stop is not None and bool(done.all()):
                 break
         return out
+
+
+def sample(probs, generator=None):
+    """One index per row of probs (B, V), drawn with probability probs[b, i]: inverse-CDF sampling,
+    the first i whose cumulative probability exceeds u ~ U[0, total). The same distribution as
+    torch.multinomial(probs, 1), which on the CPU cost 10x more (it draws an exponential per entry)."""
+    cdf = probs.float().cumsum(-1)                                      # (B, V)
+    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp(max=probs.size(-1) - 1).squeeze(1)
 
 
 # -----------------------------------------------------------------------------
@@ -281,10 +301,13 @@ def lengths(labels):
 
 
 def chunked_logps(model, ids, labels):
-    """sequence_logps(model(ids), labels), computed on two groups of similar length, each cut to its
-    own longest sequence. A batch mixes short answers (~22 tokens) with captions (~46): padded to
-    the longest, half of the work would be padding. The numbers are the same (right padding: no
-    real token attends to a pad); the batch is split where it saves the most."""
+    """sequence_logps(model(ids), labels), without the work that does not change it:
+    - the batch is computed as two groups of similar length, each cut to its own longest sequence.
+      A batch mixes short answers (~22 tokens) with captions (~46): padded to the longest, half of
+      the work would be padding. Right padding: no real token attends to a pad. The batch is split
+      where it saves the most.
+    - the output head runs only at the positions that predict a labelled token (about a quarter
+      of an SFT batch's positions: prompts and images are context, not targets)."""
     n = lengths(labels)                                                  # (B,)
     order = n.argsort()
     L = n[order].tolist()
@@ -295,5 +318,11 @@ def chunked_logps(model, ids, labels):
     for idx in (order[:k], order[k:]):
         if len(idx):
             T = int(n[idx].max())
-            parts.append(sequence_logps(model(ids[idx, :T], table=table), labels[idx, :T]))
+            x, y = ids[idx, :T], labels[idx, :T]
+            at = F.pad(y[:, 1:] != -100, (0, 1))                         # (b, T): position t predicts y[t + 1]
+            logits = model(x, table=table, at=at).float()                # (N, V)
+            target = y[:, 1:][at[:, :-1]]                                # (N,)
+            # log_softmax(logits)[target], as in sequence_logps, summed into each sequence's row
+            per_token = logits.gather(1, target[:, None]).squeeze(1) - logits.logsumexp(-1)
+            parts.append(per_token.new_zeros(len(idx)).index_add(0, at.nonzero()[:, 0], per_token))
     return torch.cat(parts)[order.argsort()]                             # (B,) in the batch's order

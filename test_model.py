@@ -180,6 +180,31 @@ class TestTransformer(unittest.TestCase):
         outs = [self.model.generate(self.ids[:2, :15], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
+    def test_kv_cache_is_one_buffer_filled_in_place(self):
+        v = self.vocab
+        cache = [{"size": 12} for _ in self.model.blocks]
+        with torch.no_grad():
+            self.model(self.ids[:2, :10], cache)
+            self.assertEqual([c["len"] for c in cache], [10] * len(cache))
+            buf = cache[0]["k"]
+            self.model(self.ids[:2, 10:11], cache)
+            self.assertIs(cache[0]["k"], buf)                # written in place, not re-allocated
+            self.model(self.ids[:2, 11:12], cache)
+            with self.assertRaisesRegex(ValueError, "full"):
+                self.model(self.ids[:2, 12:13], cache)
+        self.assertEqual(tuple(buf.shape), (2, self.model.cfg.n_head, 12, self.model.cfg.n_embd // self.model.cfg.n_head))
+
+    def test_sampler_draws_the_given_distribution(self):
+        probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [1.0, 0.0, 0.0, 0.0, 0.0]]).repeat(20000, 1)
+        got = model.sample(probs, torch.Generator().manual_seed(0)).view(-1, 2)
+        freq = torch.bincount(got[:, 0], minlength=5).float() / len(got)
+        # 20000 draws: the standard error of a frequency is <= 0.0036; zero-probability entries never come
+        torch.testing.assert_close(freq, probs[0], rtol=0, atol=0.015)
+        self.assertTrue((got[:, 1] == 0).all())
+        self.assertEqual(freq[0].item() + freq[2].item(), 0.0)
+        unnormalised = model.sample(torch.tensor([[0.0, 2.0, 6.0]]).repeat(4000, 1), torch.Generator().manual_seed(1))
+        self.assertAlmostEqual((unnormalised == 2).float().mean().item(), 0.75, delta=0.03)
+
     def test_bf16_autocast_path(self):
         task = torch.tensor([0, 4, -1, -1])   # caption, exists, then two generation
         self.model.train()
