@@ -38,6 +38,7 @@ import data
 import eval as evaluation
 import pref
 import report
+import sft
 import world
 from checkpoint import Refused, file_digest, load_model, log, seed_everything, write_atomic
 
@@ -225,7 +226,7 @@ def train_row(args, row, PU, PG, sft_path):
     seed_everything(args.seed)
     params = list(policy.parameters())
     groups = layer_groups(policy)
-    opt = torch.optim.AdamW(params, lr=args.joint_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = sft.adamw(params, args.joint_lr, args.device)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
     N = len(PG["pairs"][0].chosen) + 1

@@ -10,6 +10,7 @@ The pairs carry everything the losses need, computed once: the codes of the real
 corrupted image, the frozen reference's log-probs, and DAMA's clause scores.
 """
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -206,7 +207,7 @@ def train_pref(args, method, P, sft_path, name=None):
     policy, tok, vocab, ck = load_model(sft_path, args.device)
     policy.train()
     seed_everything(args.seed)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.pref_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = sft.adamw(policy.parameters(), args.pref_lr, args.device)
     rng = random.Random(args.seed)
     state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
     mix_rng, mix_args = random.Random(args.seed + 7919), copy.copy(args)      # --sft_mix: its own data stream
@@ -279,12 +280,29 @@ def finished_pref(args, name, sft_path):
     return (path, ck["curve"]) if same and "curve" in ck else None
 
 
+# the settings the pairs of a seed depend on (with the SFT model and the code)
+PAIR_FLAGS = ("seed", "pairs", "onpolicy", "exists_frac", "length_matched", "cooc", "device", "dtype")
+
+
 def preference_data(args, sft_path):
-    """The pairs of --seed (every method of that seed trains on the same pairs)."""
+    """The pairs of --seed (every method of that seed trains on the same pairs). Built once and kept
+    in out_dir/pairs_s<seed>.pt: the joint study and the tax sweep train on the same pairs, and take
+    them from there when the SFT model, the code and PAIR_FLAGS are the same."""
+    path = os.path.join(args.out_dir, f"pairs_s{args.seed}.pt")
+    made_with = {"flags": {k: vars(args)[k] for k in PAIR_FLAGS}, "sft_digest": file_digest(sft_path),
+                 "commit": report.commit()}
+    if os.path.exists(path):
+        kept = read_checkpoint(path, "cpu", ("pairs", "made_with"), "pairs file")
+        if kept["made_with"] == made_with:
+            P = {**kept, "pairs": [data.Pair(tuple(world.Obj(**o) for o in p.pop("scene")), **p) for p in kept["pairs"]]}
+            del P["made_with"]
+            log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs from {path}")
+            return P
     ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
     P = build_pairs(ref, tok, vocab, args, random.Random(args.seed))
     P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())   # DAMA's dbar, measured
+    save_atomic({**P, "pairs": [dataclasses.asdict(p) for p in P["pairs"]], "made_with": made_with}, path)
     log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
               f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
     return P

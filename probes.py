@@ -164,7 +164,7 @@ def finetune(model, tok, vocab, args, steps, extra_fn, desc):
     rng = random.Random(desc)
     half = copy.copy(args)
     half.batch_size = args.batch_size - args.batch_size // 2
-    opt = torch.optim.AdamW(model.parameters(), lr=args.probe_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = sft.adamw(model.parameters(), args.probe_lr, args.device)
     model.train()
     for step in tqdm(range(1, steps + 1), desc=desc, leave=False):
         for g in opt.param_groups:

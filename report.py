@@ -180,7 +180,7 @@ def curves(path, pref_curves, joint_curves):
 # -----------------------------------------------------------------------------
 # the run's report
 
-def _commit():
+def commit():
     """The code's git commit, marked when tracked files differ from it; 'unknown' outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -236,7 +236,7 @@ def record_stage(args, stage, seconds, argv=None):
     """Note in out_dir/run.json that `stage` finished in `seconds`, with its settings, code and machine."""
     run = _load_run(args.out_dir)
     sft = os.path.join(args.out_dir, "sft.pt")
-    run["stages"][stage] = {"seconds": seconds, "commit": _commit(), "device": _device(args.device),
+    run["stages"][stage] = {"seconds": seconds, "commit": commit(), "device": _device(args.device),
                             "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "finished": _now(),
                             "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])]),
                             "settings": settings(args),
@@ -256,9 +256,9 @@ def finished_stage(args, stage):
     if diff:
         raise Refused(f"error: {where}: stage {stage} ran with other settings ({diff}); run without --resume "
                       f"or with another --out_dir")
-    if rec["commit"] != _commit():
+    if rec["commit"] != commit():
         raise Refused(f"error: {where}: stage {stage} ran with the code at commit {rec['commit']}, this is "
-                      f"{_commit()}; run without --resume or with another --out_dir")
+                      f"{commit()}; run without --resume or with another --out_dir")
     if not all(os.path.exists(os.path.join(args.out_dir, f)) for f in STAGE_OUTPUTS[stage]):
         return False
     sft = os.path.join(args.out_dir, "sft.pt")

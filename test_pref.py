@@ -163,5 +163,27 @@ class TestPairs(unittest.TestCase):
             self.assertEqual(mixed[0]["dpo_loss"], plain[0]["dpo_loss"])
             self.assertFalse(all(torch.equal(w0[k], w1[k]) for k in w0))
 
+    def test_pairs_are_built_once_and_kept_for_the_same_sft_model_and_settings(self):
+        tok, vocab, model, args, _ = tiny_setup(n_pairs=8)
+        with tempfile.TemporaryDirectory() as d:
+            sft_path = os.path.join(d, "sft.pt")
+            save_atomic({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": 512,
+                         "patch": 8, "tokenizer": tok.state_dict()}, sft_path)
+            a = types.SimpleNamespace(**vars(args), out_dir=d)
+            built = pref.preference_data(a, sft_path)
+            kept = pref.preference_data(a, sft_path)
+            log = open(os.path.join(d, "log.txt")).read().splitlines()
+            self.assertRegex(log[-1], r"^pairs s0 \| 8 pairs from .*pairs_s0.pt$")
+            self.assertEqual(sorted(kept), sorted(built))
+            self.assertEqual(kept["pairs"], built["pairs"])           # data.Pair and world.Obj again, equal
+            self.assertIsInstance(kept["pairs"][0].scene[0], world.Obj)
+            for k in ("ref_0", "ref_1", "scores"):
+                self.assertTrue(torch.equal(kept[k], built[k]), k)
+            # other pair settings: built again (and the file then holds the new ones)
+            b = types.SimpleNamespace(**{**vars(a), "exists_frac": 0.9})
+            pref.preference_data(b, sft_path)
+            self.assertRegex(open(os.path.join(d, "log.txt")).read().splitlines()[-1], r"on-policy")
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -64,7 +64,13 @@ def results(out):
 
 def weights(out):
     return {os.path.basename(p): torch.load(p, weights_only=True)["model"]
-            for p in sorted(glob.glob(os.path.join(out, "*.pt"))) if not p.endswith("tokenizer.pt")}
+            for p in sorted(glob.glob(os.path.join(out, "*.pt")))
+            if not os.path.basename(p).startswith(("tokenizer", "pairs_"))}
+
+
+def pairs(out):
+    """Each seed's pair file (pref.preference_data): the pairs and the reference's log-probs."""
+    return {os.path.basename(p): torch.load(p, weights_only=True) for p in sorted(glob.glob(os.path.join(out, "pairs_*.pt")))}
 
 
 class TestKillAndResume(unittest.TestCase):
@@ -77,7 +83,8 @@ class TestKillAndResume(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             ref = os.path.join(d, "ref")
             pipeline(ref)
-            want_results, want_weights = results(ref), weights(ref)
+            want_results, want_weights, want_pairs = results(ref), weights(ref), pairs(ref)
+            self.assertEqual(sorted(want_pairs), ["pairs_s0.pt"])
             # mid-SFT; in the preference stage after its pairs; in its mDPO run, once that has a checkpoint
             for k, marker in enumerate(("sft | step 20", "pairs s0 |", "pref_mdpo_s0.pt.part")):
                 out = os.path.join(d, f"killed{k}")
@@ -92,6 +99,12 @@ class TestKillAndResume(unittest.TestCase):
                 for name, state in want_weights.items():
                     for k, v in state.items():
                         self.assertTrue(torch.equal(v, got[name][k]), (marker, name, k))
+                got = pairs(out)
+                self.assertEqual(sorted(got), sorted(want_pairs), marker)
+                for name, P in want_pairs.items():
+                    self.assertEqual(P["pairs"], got[name]["pairs"], marker)
+                    for k in ("ref_0", "ref_1", "scores"):
+                        self.assertTrue(torch.equal(P[k], got[name][k]), (marker, name, k))
                 self.assertFalse(glob.glob(os.path.join(out, "*.tmp")), marker)
             log = read(os.path.join(out, "log.txt"))
             self.assertIn("resume | pref dpo s0 finished before with these settings: kept", log)
