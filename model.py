@@ -21,6 +21,12 @@ import torch.nn.functional as F
 
 
 
+# what every GPT has computed in this process, for the report's utilisation: tokens through a
+# forward that is trained (a backward follows: ~6 x parameters FLOPs a token, PaLM appendix B) or
+# only inferred (~2 x parameters a token), and those FLOPs
+WORK = {"trained_tokens": 0, "inferred_tokens": 0, "flops": 0.0}
+
+
 def amp_context(device, dtype):
     """bf16 autocast where asked for (and supported); a no-op context otherwise."""
     if dtype == "bfloat16":
@@ -191,6 +197,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():                       # GPT-2 scaled residual init
             if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.n_params = sum(p.numel() for p in self.parameters())
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -214,6 +221,9 @@ class GPT(nn.Module):
         start = caches[0]["len"] if caches and "k" in caches[0] else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
+        trained = torch.is_grad_enabled()
+        WORK["trained_tokens" if trained else "inferred_tokens"] += B * T
+        WORK["flops"] += (6 if trained else 2) * self.n_params * B * T
         table = self.embedding_table() if table is None else table        # (V, C)
         pos = torch.arange(start, start + T, device=idx.device)         # (T,)
         x = F.embedding(idx, table) + self.wpe(pos)                     # (B, T, C)

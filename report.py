@@ -232,15 +232,17 @@ def begin_stage(args, stage):
         _save_run(args.out_dir, run)
 
 
-def record_stage(args, stage, seconds, argv=None):
-    """Note in out_dir/run.json that `stage` finished in `seconds`, with its settings, code and machine."""
+def record_stage(args, stage, seconds, argv=None, work=None):
+    """Note in out_dir/run.json that `stage` finished in `seconds`, with its settings, code and machine,
+    and `work`: the tokens it trained and inferred, their FLOPs and the matmul peak measured at its start."""
     run = _load_run(args.out_dir)
     sft = os.path.join(args.out_dir, "sft.pt")
     run["stages"][stage] = {"seconds": seconds, "commit": commit(), "device": _device(args.device),
                             "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "finished": _now(),
                             "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])]),
                             "settings": settings(args),
-                            "sft_digest": file_digest(sft) if stage != "tokenizer" and os.path.exists(sft) else None}
+                            "sft_digest": file_digest(sft) if stage != "tokenizer" and os.path.exists(sft) else None,
+                            **(work or {})}
     _save_run(args.out_dir, run)
 
 
@@ -268,6 +270,34 @@ def finished_stage(args, stage):
 def total_seconds(out_dir):
     """The whole run's wall time when it was resumed: the sum of its stages' own times."""
     return sum(v["seconds"] for k, v in _load_run(out_dir)["stages"].items() if k != "all")
+
+
+WORK_KEYS = ("trained_tokens", "inferred_tokens", "flops")
+
+
+def total_work(out_dir):
+    """The whole run's work: its stages' tokens and FLOPs summed; as its peak, the one that makes
+    the run's utilisation the time-weighted mean of its stages' (each measured against its own peak)."""
+    stages = [v for k, v in _load_run(out_dir)["stages"].items() if k != "all" and "flops" in v]
+    if not stages:
+        return {}
+    work = {k: sum(v[k] for v in stages) for k in WORK_KEYS}
+    work["peak_flops"] = sum(v["seconds"] * v["peak_flops"] for v in stages) / sum(v["seconds"] for v in stages)
+    return work
+
+
+def utilisation(rec):
+    """Useful FLOPs / (wall time x the measured fp32 matmul peak) of a stage's record, or None."""
+    return rec["flops"] / (rec["seconds"] * rec["peak_flops"]) if rec.get("peak_flops") and rec["seconds"] else None
+
+
+def work_row(name, rec):
+    """One row of the report's table of where the time goes."""
+    if "flops" not in rec:
+        return f"| {name} | {duration(rec['seconds'])} | | | | |"
+    return (f"| {name} | {duration(rec['seconds'])} | {rec['trained_tokens'] / 1e6:.2f}M | "
+            f"{rec['inferred_tokens'] / 1e6:.2f}M | {rec['flops'] / 1e12:.1f} | {100 * utilisation(rec):.0f}% "
+            f"of {rec['peak_flops'] / 1e9:.0f} GFLOP/s |")
 
 
 def _now():
@@ -318,9 +348,13 @@ def write(out_dir):
              f"Device: {head['device']}. Preset `{head['preset']}`, dtype {head['dtype']}. "
              f"Every table below comes from one SFT model (`sft.pt`, SHA-256 {sft}..., checked), "
              f"trained with seed {first.get('seed')}.", "",
-             "| stage | wall time |", "|---|---|"]
-    lines += [f"| {k} | {duration(v['seconds'])} |" for k, v in stages.items() if k != "all"]
-    lines += [f"| whole run | {duration(stages['all']['seconds']) if 'all' in stages else 'not run as one'} |"]
+             "Where the time goes: tokens through the model in training (forward and backward, ~6 x parameters "
+             "FLOPs each) and in inference (sampling, scoring, evaluation: ~2 x parameters each), counted with "
+             "padding; utilisation = those FLOPs / (wall time x the fp32 matmul peak measured at the stage's start).",
+             "", "| stage | wall time | tokens trained | tokens inferred | TFLOP | utilisation |",
+             "|---|---|---|---|---|---|"]
+    lines += [work_row(k, v) for k, v in stages.items() if k != "all"]
+    lines += [work_row("whole run", stages["all"]) if "all" in stages else "| whole run | not run as one | | | | |"]
     if len(commits) > 1:
         lines += ["", "The stages were run at different commits: "
                   + "; ".join(f"{k} {v['commit']}" for k, v in stages.items()) + "."]

@@ -15,6 +15,7 @@ import torch
 import checkpoint
 import data
 import model
+import report
 import sft
 import train
 import world
@@ -288,6 +289,20 @@ class TestPipeline(unittest.TestCase):
                             "## Preference optimisation for generation", "## Does understanding inform generation?",
                             "| whole run |", "Preset `quick`, dtype float32"):
                 self.assertIn(section, text)
+            # where the time goes: each stage's tokens and FLOPs (6 x parameters a trained token, 2 an inferred one)
+            stages = report.read_json(os.path.join(d, "run.json"))["stages"]
+            n = sum(p.numel() for p in checkpoint.load_model(os.path.join(d, "sft.pt"), "cpu")[0].parameters())
+            for name, rec in stages.items():
+                self.assertAlmostEqual(rec["flops"], n * (6 * rec["trained_tokens"] + 2 * rec["inferred_tokens"]),
+                                       delta=1e-6 * rec["flops"] + 1, msg=name)
+                self.assertGreater(rec["peak_flops"], 0, name)
+            self.assertEqual(stages["eval"]["trained_tokens"], 0)
+            self.assertGreater(stages["eval"]["inferred_tokens"], 0)
+            self.assertEqual(stages["tokenizer"]["flops"], 0)
+            for name in ("sft", "pref", "joint", "probe"):
+                self.assertGreater(stages[name]["trained_tokens"], 0, name)
+            self.assertEqual(stages["all"]["flops"], sum(v["flops"] for k, v in stages.items() if k != "all"))
+            self.assertRegex(text, r"\| whole run \| .* \| [0-9.]+M \| [0-9.]+M \| [0-9.]+ \| \d+% of \d+ GFLOP/s \|")
             # the report is rebuilt from out/ alone, identically (but for nothing: no training runs)
             train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             with open(os.path.join(d, "report.md")) as f:

@@ -33,6 +33,7 @@ import torch
 
 import eval as evaluation
 import joint
+import model
 import pref
 import probes
 import report
@@ -226,9 +227,11 @@ def run_stage(args, name, argv):
     a = copy.copy(args)
     # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
     a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
+    peak, before = sft.matmul_peak_flops(args.device, seconds=0.5), dict(model.WORK)   # this hour's peak: it drifts
     t = time.perf_counter()
     STAGES[name](a)
-    report.record_stage(args, name, time.perf_counter() - t, argv)
+    work = {k: v - before[k] for k, v in model.WORK.items()}
+    report.record_stage(args, name, time.perf_counter() - t, argv, {**work, "peak_flops": peak})
     return True
 
 
@@ -271,7 +274,7 @@ def main(argv=None):
         if args.stage == "all":
             for a in runs:
                 report.record_stage(a, "all", report.total_seconds(a.out_dir) if kept or len(runs) > 1 else total,
-                                    argv)
+                                    argv, report.total_work(a.out_dir))
                 report.write(a.out_dir)
     if len(runs) > 1 and args.stage != "tax":
         seeds.write(args.out_dir, args.sft_seeds)
