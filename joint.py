@@ -207,6 +207,15 @@ def layer_groups(model):
     return groups
 
 
+HIST_KEYS = ("loss", "dpo_loss", "rewards/accuracies")   # what a run keeps of each step's metrics
+
+
+def mean_loss(method):
+    """Is the method's loss a plain mean over the pairs of a batch (DPO, mDPO: yes; DAMA, which keeps a
+    data-dependent subset and moves its running gap, no)? Then a batch's gradient is the mean of its halves'."""
+    return pref.METHODS[method][0] != "dama"
+
+
 def task_grads(policy, params, vocab, P, idx, method, args, state):
     """Gradient of one task's preference loss on pairs idx (a list of tensors) and its metrics."""
     loss, m = pref.pref_step_loss(policy, vocab, P, idx, method, args, state)
@@ -259,12 +268,17 @@ def train_row(args, row, PU, PG, sft_path):
             def probe():
                 return {"gap_mean": gap0, "generator": torch.Generator(device=args.device).manual_seed(step)}
 
-            grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, state[t] if active else probe())
-            hist[t].append({"step": step, **m})   # (an inactive task: on the measured steps only)
+            h = len(idx) // 2
             if measure:   # the within-task control: the same loss on two halves of the batch
-                h = len(idx) // 2
-                halves[t] = [task_grads(policy, params, vocab, P, part, method, a, probe())[0]
-                             for part in (idx[:h], idx[h:])]
+                parts = [task_grads(policy, params, vocab, P, part, method, a, probe()) for part in (idx[:h], idx[h:])]
+                halves[t] = [g for g, _ in parts]
+            if measure and mean_loss(method) and 2 * h == len(idx):
+                # a mean over pairs: the whole batch's gradient is the mean of its halves', computed already
+                grads[t] = [(u + v) / 2 for u, v in zip(*halves[t])]
+                m = {k: (parts[0][1][k] + parts[1][1][k]) / 2 for k in HIST_KEYS}
+            else:
+                grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, state[t] if active else probe())
+            hist[t].append({"step": step, **{k: m[k] for k in HIST_KEYS}})   # (an inactive task: measured steps only)
         if measure:
             gu, gg = grads["und"], grads["gen"]
             d = {"step": step, "cos": cosine(gu, gg), "rho": (flat_dot(gu, gu).sqrt() / flat_dot(gg, gg).sqrt()).item(),

@@ -127,7 +127,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, at=None):
+        """x (B, T, C) -> (B, T, C); with `at` (B, T) bool, only the rows at those positions, (N, C)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -151,7 +152,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)               # (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y if at is None else y[at])
 
 
 class Block(nn.Module):
@@ -164,8 +165,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, at=None):
+        """x (B, T, C) -> (B, T, C), or with `at` (B, T) bool the outputs at those positions only, (N, C):
+        every position is still a key and value of the attention, but only those go on."""
+        a = self.attn(self.ln_1(x), cache, at)
+        x = (x if at is None else x[at]) + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -215,8 +219,9 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None.
         `table`: embedding_table() if the caller already has it (one computation for several
         forwards of one step; its gradient flows back the same way).
-        `at`: (B, T) bool, the positions whose logits are wanted: then (N, V), in row-major order
-        (training scores a quarter of the positions; the output head is the model's widest matmul)."""
+        `at`: (B, T) bool, the positions whose logits are wanted: then (N, V), in row-major order.
+        Training scores a quarter of the positions: the other ones are needed as keys and values up to
+        the last block's attention, but not by its projection, its MLP or the output head."""
         B, T = idx.size()
         start = caches[0]["len"] if caches and "k" in caches[0] else 0
         if start + T > self.cfg.block_size:
@@ -229,10 +234,9 @@ class GPT(nn.Module):
         x = F.embedding(idx, table) + self.wpe(pos)                     # (B, T, C)
         if len(self.cell_words):
             x = x + self.cell_embedding(idx, table, caches)
-        for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None)
-        if at is not None:
-            x = x[at]                                                   # (N, C)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):   # with `at`, the last block goes on at those positions only
+            x = block(x, caches[i] if caches is not None else None, at if i == last else None)
         return self.ln_f(x) @ table.t()                                 # (B, T, V) or (N, V): tied output head
 
     def cell_embedding(self, idx, table, caches=None):
@@ -316,8 +320,9 @@ def chunked_logps(model, ids, labels):
       A batch mixes short answers (~22 tokens) with captions (~46): padded to the longest, half of
       the work would be padding. Right padding: no real token attends to a pad. The batch is split
       where it saves the most.
-    - the output head runs only at the positions that predict a labelled token (about a quarter
-      of an SFT batch's positions: prompts and images are context, not targets)."""
+    - the last block after its attention, and the output head, run only at the positions that predict
+      a labelled token (about a quarter of an SFT batch's positions: prompts and images are context,
+      not targets): 12% fewer FLOPs in a 4-layer model."""
     n = lengths(labels)                                                  # (B,)
     order = n.argsort()
     L = n[order].tolist()

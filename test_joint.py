@@ -143,6 +143,21 @@ class TestGradientTools(unittest.TestCase):
 
 class TestJointTraining(unittest.TestCase):
 
+    def test_a_batch_gradient_is_the_mean_of_its_halves_for_mean_losses(self):
+        """What lets the measured steps take the whole batch's gradient from the control's two halves."""
+        tok, vocab, model, args, PU = tiny_setup(n_pairs=8)
+        model.train()
+        params = list(model.parameters())
+        for method in ("dpo", "mdpo", "mdpo_nocond", "dama"):
+            def state():
+                return {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)}
+            full, _ = joint.task_grads(model, params, vocab, PU, list(range(8)), method, args, state())
+            halves = [joint.task_grads(model, params, vocab, PU, part, method, args, state())[0]
+                      for part in (list(range(4)), list(range(4, 8)))]
+            mean = [(u + v) / 2 for u, v in zip(*halves)]
+            same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(full, mean))
+            self.assertEqual(same, joint.mean_loss(method), method)   # DAMA keeps a subset: not a plain mean
+
     def test_one_joint_step_per_row(self):
         tok, vocab, model, args, PU = tiny_setup(n_pairs=8)
         rng = random.Random(0)

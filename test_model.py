@@ -181,6 +181,11 @@ class TestTransformer(unittest.TestCase):
         outs = [self.model.generate(self.ids[:2, :15], 25, text, 0.0, stop=v.end, use_cache=c) for c in (True, False)]
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
 
+    def test_logits_at_some_positions_only(self):
+        at = torch.rand(self.ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+        with torch.no_grad():
+            torch.testing.assert_close(self.model(self.ids, at=at), self.model(self.ids)[at], rtol=1e-5, atol=1e-5)
+
     def test_kv_cache_is_one_buffer_filled_in_place(self):
         v = self.vocab
         cache = [{"size": 12} for _ in self.model.blocks]
