@@ -35,6 +35,14 @@ def tiny_setup(n_pairs=24, seed=0):
     return tok, vocab, model, args, P
 
 
+def save_sft(d, model, tok):
+    """The tiny model as an SFT checkpoint in directory d; returns its path."""
+    path = os.path.join(d, "sft.pt")
+    save_atomic({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": 512,
+                 "patch": 8, "tokenizer": tok.state_dict()}, path)
+    return path
+
+
 class TestPairs(unittest.TestCase):
 
     def test_constructed_pairs_are_faithful_against_hallucinating(self):
@@ -144,9 +152,7 @@ class TestPairs(unittest.TestCase):
     def test_sft_mix_adds_the_loss_of_an_sft_batch_to_every_step(self):
         tok, vocab, model, args, P = tiny_setup(n_pairs=8)
         with tempfile.TemporaryDirectory() as d:
-            sft_path = os.path.join(d, "sft.pt")
-            save_atomic({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": 512,
-                         "patch": 8, "tokenizer": tok.state_dict()}, sft_path)
+            sft_path = save_sft(d, model, tok)
             run = {}
             for gamma in (0.0, 2.0):
                 a = types.SimpleNamespace(**vars(args), out_dir=d, pref_lr=1e-3, pref_steps=2, pref_batch=4,
@@ -166,9 +172,7 @@ class TestPairs(unittest.TestCase):
     def test_pairs_are_built_once_and_kept_for_the_same_sft_model_and_settings(self):
         tok, vocab, model, args, _ = tiny_setup(n_pairs=8)
         with tempfile.TemporaryDirectory() as d:
-            sft_path = os.path.join(d, "sft.pt")
-            save_atomic({"model": model.state_dict(), "model_config": asdict(model.cfg), "n_codes": 512,
-                         "patch": 8, "tokenizer": tok.state_dict()}, sft_path)
+            sft_path = save_sft(d, model, tok)
             a = types.SimpleNamespace(**vars(args), out_dir=d)
             built = pref.preference_data(a, sft_path)
             kept = pref.preference_data(a, sft_path)
