@@ -211,8 +211,7 @@ HIST_KEYS = ("loss", "dpo_loss", "rewards/accuracies")   # what a run keeps of e
 
 
 def mean_loss(method):
-    """Is the method's loss a plain mean over the pairs of a batch (DPO, mDPO: yes; DAMA, which keeps a
-    data-dependent subset and moves its running gap, no)? Then a batch's gradient is the mean of its halves'."""
+    """Is the loss a plain mean over a batch's pairs (then the batch's gradient is its halves' mean)? DAMA's is not."""
     return pref.METHODS[method][0] != "dama"
 
 
@@ -270,12 +269,10 @@ def train_row(args, row, PU, PG, sft_path):
 
             h = len(idx) // 2
             if measure:   # the within-task control: the same loss on two halves of the batch
-                parts = [task_grads(policy, params, vocab, P, part, method, a, probe()) for part in (idx[:h], idx[h:])]
-                halves[t] = [g for g, _ in parts]
-            if measure and mean_loss(method) and 2 * h == len(idx):
-                # a mean over pairs: the whole batch's gradient is the mean of its halves', computed already
+                halves[t], parts = zip(*[task_grads(policy, params, vocab, P, p, method, a, probe()) for p in (idx[:h], idx[h:])])
+            if measure and mean_loss(method) and 2 * h == len(idx):   # the halves' mean, computed already
                 grads[t] = [(u + v) / 2 for u, v in zip(*halves[t])]
-                m = {k: (parts[0][1][k] + parts[1][1][k]) / 2 for k in HIST_KEYS}
+                m = {k: (parts[0][k] + parts[1][k]) / 2 for k in HIST_KEYS}
             else:
                 grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, state[t] if active else probe())
             hist[t].append({"step": step, **{k: m[k] for k in HIST_KEYS}})   # (an inactive task: measured steps only)
