@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-
 # what every GPT has computed in this process, for the report's utilisation: tokens through a
 # forward that is trained (a backward follows: ~6 x parameters FLOPs a token, PaLM appendix B) or
 # only inferred (~2 x parameters a token), and those FLOPs
