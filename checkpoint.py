@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import world
 from model import GPT, GPTConfig, PatchTokenizer
 
@@ -68,7 +69,7 @@ def write_atomic(path, text):
 
 def writable(out_dir):
     """Create out_dir if needed and make sure files can be written there, before any work starts."""
-    probe = os.path.join(out_dir, ".write_test.tmp")
+    probe = os.path.join(out_dir, f".write_test{dist.RANK}.tmp")   # (one per rank under torchrun)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with open(probe, "w") as f:
@@ -79,6 +80,9 @@ def writable(out_dir):
 
 
 def log(args, line):
+    """A line on the terminal and in out_dir/log.txt; under torchrun, rank 0's only."""
+    if not dist.is_main():
+        return
     tqdm.write(line)
     with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
         f.write(line + "\n")

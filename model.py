@@ -327,7 +327,8 @@ def chunked_logps(model, ids, labels):
     B = len(L)
     cost = [k * L[k - 1] + (B - k) * L[-1] for k in range(1, B)]         # tokens computed if cut after k
     k = 1 + min(range(B - 1), key=cost.__getitem__) if B > 1 else B
-    parts, table = [], model.embedding_table()                          # the table once for both
+    # the table once for both (from the GPT itself when DDP wraps it: DDP runs forward alone)
+    parts, table = [], getattr(model, "module", model).embedding_table()
     for idx in (order[:k], order[k:]):
         if len(idx):
             T = int(n[idx].max())

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import data
+import dist
 import eval as evaluation
 import report
 import sft
@@ -214,7 +215,7 @@ def train_pref(args, method, P, sft_path, name=None):
     mix_args.batch_size = args.pref_batch
     order, t_log, hist, curve, start = [], time.perf_counter(), [], [], 0
     name = name or method
-    path = os.path.join(args.out_dir, f"pref_{name}_s{args.seed}.pt")
+    path = pref_path(args, name)
     part, made_with = path + ".part", {"settings": settings(args), "sft_digest": file_digest(sft_path)}
     if args.resume and os.path.exists(part):
         pk = read_checkpoint(part, args.device, ("model", "optimizer", "step", "rng", "order", "gap_mean", "curve",
@@ -269,10 +270,14 @@ def train_pref(args, method, P, sft_path, name=None):
     return path, curve
 
 
+def pref_path(args, name):
+    return os.path.join(args.out_dir, f"pref_{name}_s{args.seed}.pt")
+
+
 def finished_pref(args, name, sft_path):
     """For --resume: (path, curve) of the preference run `name` that already finished with these
     settings from this SFT model, else None."""
-    path = os.path.join(args.out_dir, f"pref_{name}_s{args.seed}.pt")
+    path = pref_path(args, name)
     if not (args.resume and os.path.exists(path)):
         return None
     ck = read_checkpoint(path, args.device, ("model",), "preference checkpoint")
@@ -289,7 +294,9 @@ def preference_data(args, sft_path):
     in out_dir/pairs_s<seed>.pt: the joint study and the tax sweep train on the same pairs, and take
     them from there when the SFT model, the code and PAIR_FLAGS are the same."""
     path = os.path.join(args.out_dir, f"pairs_s{args.seed}.pt")
-    made_with = {"flags": {k: vars(args)[k] for k in PAIR_FLAGS}, "sft_digest": file_digest(sft_path),
+    flags = {k: vars(args)[k] for k in PAIR_FLAGS}
+    flags["device"] = torch.device(args.device).type       # cuda:1 samples as cuda:0 does
+    made_with = {"flags": flags, "sft_digest": file_digest(sft_path),
                  "commit": report.commit()}
     if os.path.exists(path):
         kept = read_checkpoint(path, "cpu", ("pairs", "made_with"), "pairs file")
@@ -306,6 +313,13 @@ def preference_data(args, sft_path):
     log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
               f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
     return P
+
+
+def shared_preference_data(args, sft_path):
+    """preference_data, with rank 0 building the pairs under torchrun and the others reading its file."""
+    P = preference_data(args, sft_path) if dist.is_main() else None
+    dist.barrier()
+    return P if P is not None else preference_data(args, sft_path)
 
 
 def bench(path, args, stats):
@@ -325,22 +339,38 @@ def compare(args):
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
 
-    rows, curves = {"sft": [bench(sft, args, stats)]}, {}
+    # Under torchrun the runs are dealt round the ranks (run i on rank i mod N), each trained whole on
+    # one device: they are independent and small. Rank 0 evaluates them all and writes the tables.
+    rows, curves, theirs, i = {"sft": [bench(sft, args, stats)]} if dist.is_main() else {}, {}, [], 0
     for seed in seeds:
         a = copy.copy(args)
         a.seed = seed
-        P = preference_data(a, sft)
+        P = shared_preference_data(a, sft)
         for row, m, flags in wanted:
             t, b, name = time.perf_counter(), copy.copy(a), row.split(" (")[0].replace(" + ", "+").replace(" ", "_")
             for k, v in flags.items():
                 setattr(b, k, v)
+            mine, i = i % dist.WORLD == dist.RANK, i + 1
+            if not mine:
+                theirs.append((row, name, seed, pref_path(b, name)))
+                continue
             done = finished_pref(b, name, sft)
             if done:
                 log(args, f"resume | pref {name} s{seed} finished before with these settings: kept")
             path, curve = done or train_pref(b, m, P, sft, name=name)
+            if dist.is_main():
+                rows.setdefault(row, []).append(bench(path, args, stats))
+                curves.setdefault(row, []).append(curve)
+                log(args, f"pref {name} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
+        dist.barrier()                     # every run of this seed is written
+        for row, name, seed_, path in theirs if dist.is_main() else ():
             rows.setdefault(row, []).append(bench(path, args, stats))
-            curves.setdefault(row, []).append(curve)
-            log(args, f"pref {name} s{seed} | trained and evaluated in {time.perf_counter() - t:.0f} s")
+            curves.setdefault(row, []).append(read_checkpoint(path, "cpu", ("curve",), "preference run")["curve"])
+            log(args, f"pref {name} s{seed_} | trained on another rank; evaluated")
+        theirs = []
+    if not dist.is_main():
+        return None
+    rows = {row: rows[row] for row in ["sft"] + [w[0] for w in wanted]}   # in the table's order
     table = evaluation.compare_table(rows)
     seconds = time.perf_counter() - t0
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import world
 from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths
@@ -92,30 +93,35 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
             torch.tensor(task, device=args.device))
 
 
-def sft_loss(model, ids, labels, task, und_loss="tokens"):
+def sft_loss(model, ids, labels, task, und_loss="tokens", across_ranks=False):
     """Generation's mean token cross-entropy plus understanding's (Show-o sums the two
     modalities' losses, so that neither one's token count decides its weight). task: (B,) as from
     sft_batch. Inside understanding (--und_loss): 'tokens' = one mean over all answer tokens, so a
     caption (~17 targets) weighs ~2x a sequence of four short questions (8); 'tasks' = the mean of each task's token
     mean; 'groups' = the mean of two means, captions and short questions (FINDINGS.md, "SFT
-    recipe"). Built on the same per-sequence log-prob sum that the preference losses use."""
+    recipe"). Built on the same per-sequence log-prob sum that the preference losses use.
+    across_ranks (data-parallel SFT): each mean is this rank's sum over the token count of ALL the
+    ranks' batches, so the ranks' losses add up to the loss of their batches concatenated (and the
+    gradient, N x the DDP average, to its gradient); a group counts if any rank has it."""
     logps = chunked_logps(model, ids, labels)                           # (B,) summed log-probs
     ntok = (labels[:, 1:] != -100).sum(1)                               # (B,) labelled tokens
-
-    def mean_ce(rows):
-        return -logps[rows].sum() / ntok[rows].sum().clamp(min=1)
-
     if und_loss == "tokens":
         groups = [task >= 0]
-    elif und_loss == "tasks":
-        groups = [task == t for t in task[task >= 0].unique().tolist()]
+    elif und_loss == "tasks":   # (the probes' extra understanding sequences are one more task)
+        groups = [task == t for t in range(len(data.UND_TASKS) + 1)]
     elif und_loss == "groups":
         groups = [task == 0, task > 0]                                  # captions; short questions
     else:
         raise ValueError(f"unknown und_loss {und_loss!r}: expected tokens, tasks or groups")
-    groups = [rows for rows in groups if rows.any()]
-    und = torch.stack([mean_ce(rows) for rows in groups]).mean() if groups else logps.new_zeros(())
-    gen = mean_ce(task < 0)
+    groups.append(task < 0)                                             # generation, last
+    sums = torch.stack([-logps[rows].sum() for rows in groups])         # summed cross-entropies
+    counts = torch.stack([ntok[rows].sum() for rows in groups])         # and their tokens
+    if across_ranks:
+        counts = dist.all_sum(counts)
+    means = sums / counts.clamp(min=1)
+    present = (counts[:-1] > 0).to(means.dtype)                         # the understanding groups seen
+    und = (means[:-1] * present).sum() / present.sum().clamp(min=1)     # 0 without any
+    gen = means[-1]
     return und + gen, und, gen
 
 
@@ -159,17 +165,22 @@ def train_sft(args):
                      cell_words=data.cell_word_ids(vocab, tok.grid),
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(mcfg, tok.codebook).to(args.device)
+    ddp = dist.wrap(model)              # under torchrun: gradients averaged over the ranks; else the model
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = adamw([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                 args.lr, args.device)
-    rng, step = random.Random(args.seed), 0
+    rng, step = random.Random(dist.data_seed(args.seed)), 0          # each rank's own data stream
     path = os.path.join(args.out_dir, "sft.pt")
     if args.resume:
         if not os.path.exists(path):
             raise Refused(f"error: --resume given but {path} does not exist")
         ck = read_checkpoint(path, args.device, ("model", "optimizer", "step", "rng", "config"), "SFT checkpoint")
         # --steps may grow and --dtype change on resume; what the run so far was trained with may not
+        ranks = ck["config"].get("world_size", 1)
+        if ranks != dist.WORLD:   # every rank continues its own data stream
+            raise Refused(f"error: {path} was trained by {ranks} data-parallel process(es) and this run has {dist.WORLD}; "
+                          f"resume it with the same number (torchrun --nproc_per_node={ranks}, or plain python for 1)")
         diff = differences({k: ck["config"].get(k) for k in SAME_ON_RESUME}, {k: vars(args)[k] for k in SAME_ON_RESUME})
         if diff:
             raise Refused(f"error: {path} was trained with other settings ({diff}); resume with those, or start "
@@ -177,23 +188,29 @@ def train_sft(args):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step = ck["step"]
-        rng.setstate(ck["rng"]["data"])
-        torch.set_rng_state(ck["rng"]["torch"].cpu())   # the CPU generator's state is a CPU tensor
+        mine = ck["rng"]["ranks"][dist.RANK] if dist.active() else ck["rng"]
+        rng.setstate(mine["data"])
+        torch.set_rng_state(mine["torch"].cpu())   # the CPU generator's state is a CPU tensor
         log(args, f"sft | resumed at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
     peak = matmul_peak_flops(args.device)
     log(args, f"sft | {n_params / 1e6:.2f}M parameters | device {args.device} | dtype {args.dtype} | "
-              f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+              f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+              + (f" | data-parallel over {dist.WORLD} ranks: global batch {dist.WORLD} x {args.batch_size} = "
+                 f"{dist.WORLD * args.batch_size} sequences" if dist.active() else ""))
 
-    def checkpoint():
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "model_config": asdict(mcfg), "config": vars(args), "step": step,
-                     "tokenizer": tok.state_dict(), "n_codes": tok.n_codes, "patch": tok.patch,
-                     "rng": {"data": rng.getstate(), "torch": torch.get_rng_state()}}, path)
+    def checkpoint():   # every rank's data stream is kept, and rank 0 alone writes the file
+        states = dist.gather({"data": rng.getstate(), "torch": torch.get_rng_state()})
+        if dist.is_main():
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "model_config": asdict(mcfg), "config": vars(args), "step": step,
+                         "tokenizer": tok.state_dict(), "n_codes": tok.n_codes, "patch": tok.patch,
+                         "rng": {**states[0], "ranks": states}}, path)
+        dist.barrier()   # nobody reads the checkpoint before it is whole
 
     model.train()
     t_log, tokens, t_start = time.perf_counter(), 0, time.perf_counter()
-    bar = tqdm(total=args.steps, initial=step, desc="sft")
+    bar = tqdm(total=args.steps, initial=step, desc="sft", disable=not dist.is_main())   # one bar
     while step < args.steps:
         lr = sft_lr(step, args)
         for g in opt.param_groups:
@@ -201,9 +218,9 @@ def train_sft(args):
         ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first,
                                       tasks=PRIMER_TASKS if step < args.primer else data.UND_TASKS)
         with amp_context(args.device, args.dtype):
-            loss, und, gen = sft_loss(model, ids, labels, task, args.und_loss)
+            loss, und, gen = sft_loss(ddp, ids, labels, task, args.und_loss, across_ranks=dist.active())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * dist.WORLD).backward()  # DDP averages the ranks' gradients; the loss's is their sum
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
@@ -211,9 +228,12 @@ def train_sft(args):
         tokens += int(lengths(labels).sum())   # real tokens: padding is neither computed nor counted
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
+            # the global batch's losses (the ranks' shares add up to them) and tokens
+            loss, und, gen, tokens = dist.all_sum(torch.stack([loss, und, gen, loss.new_tensor(tokens)]).detach())
+            tokens = int(tokens)
             dt = time.perf_counter() - t_log
-            # training FLOPs ~ 6 * params * tokens (forward + backward, PaLM appendix B)
-            mfu = 6 * n_params * tokens / dt / peak
+            # training FLOPs ~ 6 * params * tokens (forward + backward, PaLM appendix B), per device
+            mfu = 6 * n_params * tokens / dt / (peak * dist.WORLD)
             log(args, f"sft | step {step} | loss {loss.item():.4f} | und {und.item():.4f} | "
                       f"gen {gen.item():.4f} | lr {lr:.2e} | {1000 * dt / args.log_every:.0f} ms/step | "
                       f"{tokens / dt:.0f} tok/s | {100 * mfu:.1f}% of fp32 peak")

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+import dist
 import eval as evaluation
 import joint
 import model
@@ -177,6 +178,8 @@ def resolve(args):
     """Fill 'auto' and preset-sized settings in place, and validate them."""
     if args.device == "auto":
         args.device = pick_device()
+    args.device = dist.init(args.device)     # under torchrun: this rank's GPU (LOCAL_RANK), in its process group
+    args.world_size = dist.WORLD
     if args.preset == "auto":
         args.preset = "gpu" if args.device.startswith("cuda") else "quick"
     for k, v in PRESETS[args.preset].items():
@@ -219,20 +222,59 @@ def resolve(args):
 
 
 def run_stage(args, name, argv):
-    """One stage in args.out_dir; returns False if --resume kept it (it finished before, the same way)."""
-    if args.resume and args.stage == "all" and report.finished_stage(args, name):
-        log(args, f"resume | stage {name} finished before with these settings: kept")
-        return False
-    report.begin_stage(args, name)
+    """One stage in args.out_dir; returns False if --resume kept it (it finished before, the same way).
+    Under torchrun every rank runs a data-parallel stage (rank 0 decides whether it is kept); the other
+    stages run on rank 0 alone, and run_stage is not called on the other ranks."""
+    everyone = name in dist.STAGES
+    if args.resume and args.stage == "all":
+        done = dist.is_main() and report.finished_stage(args, name)
+        if dist.gather(done)[0] if everyone else done:
+            log(args, f"resume | stage {name} finished before with these settings: kept")
+            return False
+    if dist.is_main():
+        report.begin_stage(args, name)
     a = copy.copy(args)
     # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
     a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
     peak, before = sft.matmul_peak_flops(args.device, seconds=0.5), dict(model.WORK)   # this hour's peak: it drifts
     t = time.perf_counter()
     STAGES[name](a)
-    work = {k: v - before[k] for k, v in model.WORK.items()}
-    report.record_stage(args, name, time.perf_counter() - t, argv, {**work, "peak_flops": peak})
+    work = {k: v - before[k] for k, v in model.WORK.items()}   # (rank 0's share under torchrun)
+    if dist.is_main():
+        report.record_stage(args, name, time.perf_counter() - t, argv, {**work, "peak_flops": peak})
     return True
+
+
+def pipeline(args, runs, argv):
+    """The wanted stages, stage by stage over the SFT models (an interrupted run of N models holds
+    every model's early stages). Under torchrun the ranks meet at a barrier after each stage while a
+    data-parallel stage is still to come (it reads what rank 0 wrote), and the other ranks are done
+    after the last one."""
+    wanted = list(STAGES) if args.stage == "all" else args.stage.split(",")
+    jobs = [(name, k) for name in STAGES if name in wanted for k in range(len(runs))]
+    t0, kept = time.perf_counter(), set()
+    rng = {}                # each run's global generators, as they would be had it run alone
+    for k, a in enumerate(runs):
+        seed_everything(a.seed)
+        rng[k] = global_rng_state()
+    for i, (name, k) in enumerate(jobs):
+        if dist.is_main() or name in dist.STAGES:
+            set_global_rng_state(rng[k])
+            if not run_stage(runs[k], name, argv):
+                kept.add(name)
+            rng[k] = global_rng_state()
+        if any(n in dist.STAGES for n, _ in jobs[i + 1:]):
+            dist.barrier()
+    if not dist.is_main():
+        return
+    total = time.perf_counter() - t0
+    log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s" + (f" (kept: {', '.join(sorted(kept))})"
+                                                                            if kept else ""))
+    if args.stage == "all":
+        for a in runs:
+            report.record_stage(a, "all", report.total_seconds(a.out_dir) if kept or len(runs) > 1 else total,
+                                argv, report.total_work(a.out_dir))
+            report.write(a.out_dir)
 
 
 def main(argv=None):
@@ -240,7 +282,8 @@ def main(argv=None):
     args = resolve(parser.parse_args(argv))
     writable(args.out_dir)
     seed_everything(args.seed)
-    print(json.dumps(vars(args), indent=1))
+    if dist.is_main():
+        print(json.dumps(vars(args), indent=1))
     # one SFT model: everything in out_dir; N > 1: SFT model k (seed --seed + k) and its studies in out_dir/sft<k>
     runs = [args]
     if args.sft_seeds > 1:
@@ -248,36 +291,18 @@ def main(argv=None):
         for k, a in enumerate(runs):
             a.seed, a.out_dir = args.seed + k, seeds.seed_dir(args.out_dir, k)
             writable(a.out_dir)
-    if args.stage == "report":
-        if len(runs) == 1:
-            report.write(args.out_dir)
-    elif args.stage == "tax":
+    if args.stage not in ("report", "tax"):
+        pipeline(args, runs, argv)
+    elif dist.is_main():   # the report and the tax sweep: rank 0 alone
         for a in runs:
-            seed_everything(a.seed)
-            tax.sweep(a)
-    else:
-        wanted = list(STAGES) if args.stage == "all" else args.stage.split(",")
-        t0, kept = time.perf_counter(), set()
-        rng = {}                # each run's global generators, as they would be had it run alone
-        for k, a in enumerate(runs):
-            seed_everything(a.seed)
-            rng[k] = global_rng_state()
-        for name in [n for n in STAGES if n in wanted]:   # stage by stage: an interrupted run of N models
-            for k, a in enumerate(runs):                  # holds every model's early stages
-                set_global_rng_state(rng[k])
-                if not run_stage(a, name, argv):
-                    kept.add(name)
-                rng[k] = global_rng_state()
-        total = time.perf_counter() - t0
-        log(args, f"pipeline | stage {args.stage} finished in {total:.0f} s" + (f" (kept: {', '.join(sorted(kept))})"
-                                                                                if kept else ""))
-        if args.stage == "all":
-            for a in runs:
-                report.record_stage(a, "all", report.total_seconds(a.out_dir) if kept or len(runs) > 1 else total,
-                                    argv, report.total_work(a.out_dir))
-                report.write(a.out_dir)
-    if len(runs) > 1 and args.stage != "tax":
+            if args.stage == "tax":
+                seed_everything(a.seed)
+                tax.sweep(a)
+        if args.stage == "report" and len(runs) == 1:
+            report.write(args.out_dir)
+    if len(runs) > 1 and args.stage != "tax" and dist.is_main():
         seeds.write(args.out_dir, args.sft_seeds)
+    dist.close()
 
 
 if __name__ == "__main__":

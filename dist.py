@@ -1,0 +1,112 @@
+"""
+Data parallelism under torchrun, and nothing else: which process this is, the process group, the
+DDP wrapper, and the few collectives the stages need.
+
+    torchrun --standalone --nproc_per_node=N train.py ...
+
+torchrun starts N copies of train.py and tells each its RANK, LOCAL_RANK and WORLD_SIZE through the
+environment. Without torchrun there is one process, rank 0 of 1, no process group is made and every
+function here returns at once: `python train.py` runs exactly as if this module did not exist.
+
+What runs data-parallel (README, "Several GPUs"): SFT, the one stage that trains on a stream of
+fresh data. Every rank draws its own batches (data_seed), DDP averages the gradients, and the loss
+is normalised by the GLOBAL token counts (global_counts), so one step is the step of a single process
+on the N ranks' batches concatenated. The preference comparison's runs are independent of each
+other and small: each rank trains its share of them whole (my_share). Everything else (the tokenizer,
+evaluation, the joint study, the probes, the report) runs on rank 0 while the others wait.
+"""
+import datetime
+import inspect
+import os
+
+import torch
+import torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+
+
+# the stages every rank runs (train.py); the others run on rank 0 alone
+STAGES = ("sft", "pref")
+
+
+def active():
+    return WORLD > 1
+
+
+def is_main():
+    """Rank 0: the one process that logs, evaluates and writes checkpoints and reports."""
+    return RANK == 0
+
+
+def init(device):
+    """Join the process group (NCCL on CUDA, one device per LOCAL_RANK; gloo on CPU) and return the
+    device this process computes on. A no-op without torchrun."""
+    if not active():
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{LOCAL_RANK}"
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        # rank 0 evaluates while the others wait at a barrier: minutes on a CPU, so a long timeout
+        td.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=6))
+    return device
+
+
+def close():
+    if active() and td.is_initialized():
+        td.destroy_process_group()
+
+
+def barrier():
+    if active():
+        td.barrier()
+
+
+def data_seed(seed):
+    """The seed of this rank's data stream: `seed` itself on rank 0 (so that one process draws what it
+    always drew), far from every other run's seed on the others (seed + rank would make rank 1 of
+    --seed 0 draw the batches of rank 0 of --seed 1, the second model of --sft_seeds)."""
+    return seed + 1_000_003 * RANK
+
+
+def wrap(model):
+    """The model under DDP (its gradients averaged over the ranks in backward), or itself alone. The
+    model's buffers (the codebook's pixels, the cells' words) never change, so they are not sent again
+    at every forward (torch 2.13 renamed that switch)."""
+    if not active():
+        return model
+    device = next(model.parameters()).device
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
+
+
+def unwrap(model):
+    """The GPT inside a DDP wrapper (for its methods other than forward), or the model itself."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def all_sum(t):
+    """The sum of t over the ranks (t itself in one process). Differentiable it is not: for counts and
+    logged values only."""
+    if active():
+        t = t.clone()
+        td.all_reduce(t)
+    return t
+
+
+def gather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if not active():
+        return [obj]
+    out = [None] * WORLD
+    td.all_gather_object(out, obj)
+    return out
+
+
+def my_share(items):
+    """The items this rank handles when independent jobs are dealt round the ranks."""
+    return items[RANK::WORLD]
