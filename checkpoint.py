@@ -27,6 +27,11 @@ def pick_device():
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def auto_dtype(device):
+    """The autocast dtype of --dtype auto: bfloat16 on a CUDA device that supports it, else float32."""
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)

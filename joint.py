@@ -291,16 +291,16 @@ def train_row(args, row, PU, PG, sft_path):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.joint_steps:
+            ms = 1000 * (time.perf_counter() - t_log) / args.log_every    # (the steps, not the KL below)
             policy.eval()
             kl = {t: evaluation.kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
             policy.train()
             recent = {t: [m for m in hist[t] if m["step"] > step - args.log_every] for t in hist}
             parts = [f"{t} loss {np.mean([m['loss'] for m in r]):.4f} dpo {np.mean([m['dpo_loss'] for m in r]):.4f} "
                      f"acc {np.mean([m['rewards/accuracies'] for m in r]):.2f}" for t, r in recent.items() if r]
-            last = diag[-1]
             log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
-                      + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
-                        f"gen {kl['gen']:.4f} | {1000 * (time.perf_counter() - t_log) / args.log_every:.0f} ms/step")
+                      + f" | cos {diag[-1]['cos']:+.3f} | rho {diag[-1]['rho']:.2f} | KL/token und {kl['und']:.4f} "
+                        f"gen {kl['gen']:.4f} | {ms:.0f} ms/step")
             t_log = time.perf_counter()
     policy.eval()
     seqs = evaluation.kl_sequences(tok, vocab, 200, args.eval_seed + 1)

@@ -25,6 +25,15 @@ import torch.nn.functional as F
 WORK = {"trained_tokens": 0, "inferred_tokens": 0, "flops": 0.0}
 
 
+def to_device(t, device):
+    """A host tensor on `device`. On CUDA the copy goes through pinned memory without waiting: the
+    host goes on preparing the next batch while the device still computes the last step (a copy
+    from ordinary memory would wait for it)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def amp_context(device, dtype):
     """bf16 autocast where asked for (and supported); a no-op context otherwise."""
     if dtype == "bfloat16":
@@ -235,7 +244,10 @@ class GPT(nn.Module):
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):   # with `at`, the last block goes on at those positions only
             x = block(x, caches[i] if caches is not None else None, at if i == last else None)
-        return self.ln_f(x) @ table.t()                                 # (B, T, V) or (N, V): tied output head
+        # the tied output head in fp32 under bf16 autocast too: log-probs are differences of logits of
+        # ~10, which bf16 rounds by ~0.03; the preference losses compare such differences across runs
+        with torch.autocast(x.device.type, enabled=False):
+            return self.ln_f(x.float()) @ table.float().t()             # (B, T, V) or (N, V)
 
     def cell_embedding(self, idx, table, caches=None):
         """(B, T, C): for an image token, the embeddings of its cell's words ("top" + "left"), so

@@ -287,7 +287,7 @@ def total_work(out_dir):
 
 
 def utilisation(rec):
-    """Useful FLOPs / (wall time x the measured fp32 matmul peak) of a stage's record, or None."""
+    """Useful FLOPs / (wall time x the matmul peak measured in the run's dtype) of a stage's record, or None."""
     return rec["flops"] / (rec["seconds"] * rec["peak_flops"]) if rec.get("peak_flops") and rec["seconds"] else None
 
 
@@ -350,7 +350,7 @@ def write(out_dir):
              f"trained with seed {first.get('seed')}.", "",
              "Where the time goes: tokens through the model in training (forward and backward, ~6 x parameters "
              "FLOPs each) and in inference (sampling, scoring, evaluation: ~2 x parameters each), counted with "
-             "padding; utilisation = those FLOPs / (wall time x the fp32 matmul peak measured at the stage's start).",
+             "padding; utilisation = those FLOPs / (wall time x the matmul peak measured at the stage's start, in the run's dtype).",
              "", "| stage | wall time | tokens trained | tokens inferred | TFLOP | utilisation |",
              "|---|---|---|---|---|---|"]
     lines += [work_row(k, v) for k, v in stages.items() if k != "all"]

@@ -4,6 +4,7 @@ Stages 1 and 2: the image tokenizer, then joint SFT of understanding and generat
     python train.py --stage tokenizer        # fit the codebook (seconds)
     python train.py --stage sft              # train from out/tokenizer.pt; --resume continues
 """
+import copy
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import data
 import dist
 import world
 from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic
-from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths
+from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths, to_device
 
 
 # SFT's first --primer steps ask only these. Count and yes/no questions need the question's words
@@ -77,7 +78,7 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
     exs = [data.sample_example(rng, split, rng.choice(tasks), args.caption_noise, args.cooc)
            for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
-    codes = tok.encode(np.stack([world.render(e.scene) for e in exs])).tolist()
+    codes = tok.encode(np.stack([world.render(e.scene) for e in exs])).tolist()   # a host tok: no wait
     seqs = []
     for e, c in zip(exs, codes):
         if e.is_gen:   # classifier-free guidance: sometimes drop the prompt
@@ -89,8 +90,7 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
     task = [-1 if e.is_gen else data.UND_TASKS.index(e.task) for e in exs]
     task += [-1 if g else len(data.UND_TASKS) for _, _, g in extra]
-    return (torch.from_numpy(ids).to(args.device), torch.from_numpy(labels).to(args.device),
-            torch.tensor(task, device=args.device))
+    return tuple(to_device(t, args.device) for t in (torch.from_numpy(ids), torch.from_numpy(labels), torch.tensor(task)))
 
 
 def sft_loss(model, ids, labels, task, und_loss="tokens", across_ranks=False):
@@ -133,10 +133,13 @@ def adamw(params, lr, device, weight_decay=0.0):
                              fused=torch.device(device).type in ("cuda", "cpu"))
 
 
-def matmul_peak_flops(device, n=1024, seconds=1.0):
-    """This machine's measured fp32 matmul throughput, FLOP/s (the denominator of MFU)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak_flops(device, dtype="float32", n=1024, seconds=1.0):
+    """This machine's measured matmul throughput in the training dtype, FLOP/s (the denominator of
+    MFU): a bf16 run on a GPU is measured against its tensor cores, not its fp32 units."""
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
     a @ b
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     t0, reps = time.perf_counter(), 0
     while time.perf_counter() - t0 < seconds:
         a @ b
@@ -161,6 +164,7 @@ def sft_lr(step, args):
 def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
+    host_tok = copy.deepcopy(tok).cpu()     # the batches are tokenized on the host, while the device computes
     mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
                      cell_words=data.cell_word_ids(vocab, tok.grid),
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
@@ -193,9 +197,9 @@ def train_sft(args):
         torch.set_rng_state(mine["torch"].cpu())   # the CPU generator's state is a CPU tensor
         log(args, f"sft | resumed at step {step}")
     n_params = sum(p.numel() for p in model.parameters())
-    peak = matmul_peak_flops(args.device)
+    peak = matmul_peak_flops(args.device, args.dtype)
     log(args, f"sft | {n_params / 1e6:.2f}M parameters | device {args.device} | dtype {args.dtype} | "
-              f"measured fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+              f"measured {args.dtype} matmul peak {peak / 1e9:.1f} GFLOP/s"
               + (f" | data-parallel over {dist.WORLD} ranks: global batch {dist.WORLD} x {args.batch_size} = "
                  f"{dist.WORLD * args.batch_size} sequences" if dist.active() else ""))
 
@@ -215,7 +219,7 @@ def train_sft(args):
         lr = sft_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, task = sft_batch(rng, tok, vocab, args, und_only=step < args.und_first,
+        ids, labels, task = sft_batch(rng, host_tok, vocab, args, und_only=step < args.und_first,
                                       tasks=PRIMER_TASKS if step < args.primer else data.UND_TASKS)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(ddp, ids, labels, task, args.und_loss, across_ranks=dist.active())
@@ -225,18 +229,18 @@ def train_sft(args):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         step += 1
-        tokens += int(lengths(labels).sum())   # real tokens: padding is neither computed nor counted
+        tokens += lengths(labels).sum()   # real tokens (padding is neither computed nor counted), on the device
         bar.update(1)
         if step % args.log_every == 0 or step == args.steps:
             # the global batch's losses (the ranks' shares add up to them) and tokens
-            loss, und, gen, tokens = dist.all_sum(torch.stack([loss, und, gen, loss.new_tensor(tokens)]).detach())
-            tokens = int(tokens)
+            loss, und, gen, tokens = dist.all_sum(torch.stack([loss, und, gen, tokens.to(loss.dtype)]).detach())
+            tokens = int(tokens)                           # (waits for the device: the clock reads after it)
             dt = time.perf_counter() - t_log
             # training FLOPs ~ 6 * params * tokens (forward + backward, PaLM appendix B), per device
             mfu = 6 * n_params * tokens / dt / (peak * dist.WORLD)
             log(args, f"sft | step {step} | loss {loss.item():.4f} | und {und.item():.4f} | "
                       f"gen {gen.item():.4f} | lr {lr:.2e} | {1000 * dt / args.log_every:.0f} ms/step | "
-                      f"{tokens / dt:.0f} tok/s | {100 * mfu:.1f}% of fp32 peak")
+                      f"{tokens / dt:.0f} tok/s | {100 * mfu:.1f}% of the matmul peak")
             t_log, tokens = time.perf_counter(), 0
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint()

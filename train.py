@@ -29,8 +29,6 @@ import os
 import sys
 import time
 
-import torch
-
 import dist
 import eval as evaluation
 import joint
@@ -42,7 +40,8 @@ import seeds
 import sft
 import tax
 import world
-from checkpoint import command_line, global_rng_state, log, pick_device, seed_everything, set_global_rng_state, writable
+from checkpoint import (auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
+                        set_global_rng_state, writable)
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
     "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
@@ -188,8 +187,7 @@ def resolve(args):
     if args.n_codes is None:
         args.n_codes = 512 if args.patch == 8 else 1024
     if args.dtype == "auto":
-        cuda_bf16 = args.device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        args.dtype = "bfloat16" if cuda_bf16 else "float32"
+        args.dtype = auto_dtype(args.device)
     for k in ("primer", "und_first"):
         if getattr(args, k) < 0:
             parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
@@ -236,7 +234,7 @@ def run_stage(args, name, argv):
     a = copy.copy(args)
     # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
     a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
-    peak, before = sft.matmul_peak_flops(args.device, seconds=0.5), dict(model.WORK)   # this hour's peak: it drifts
+    peak, before = sft.matmul_peak_flops(args.device, args.dtype, seconds=0.5), dict(model.WORK)   # this hour's peak: it drifts
     t = time.perf_counter()
     STAGES[name](a)
     work = {k: v - before[k] for k, v in model.WORK.items()}   # (rank 0's share under torchrun)
