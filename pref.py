@@ -28,7 +28,7 @@ import world
 from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
                         seed_everything, settings, write_atomic)
 from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss, preference_metrics
-from model import amp_context, chunked_logps, lengths
+from model import amp_context, chunked_logps, lengths, to_device
 
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
 METHODS = {
@@ -112,9 +112,9 @@ def pair_logps(model, vocab, P, idx, images, corrupted, args):
     the tokens of the batch (for tok/s); the scored tokens of each chosen response, (B,)."""
     ids, labels = pair_batch(vocab, P, idx, images, corrupted)
     with amp_context(args.device, args.dtype):
-        logps = chunked_logps(model, ids.to(args.device), labels.to(args.device))   # (2B or 3B,)
+        logps = chunked_logps(model, to_device(ids, args.device), to_device(labels, args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
-    chosen_tokens = (labels[:len(idx), 1:] != -100).sum(1).to(logps.device)        # (B,)
+    chosen_tokens = to_device((labels[:len(idx), 1:] != -100).sum(1), logps.device)   # (B,)
     return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum()), chosen_tokens
 
 
@@ -162,7 +162,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
     pc, pr, pk, ntok, chosen_tokens = pair_logps(policy, vocab, P, idx, images, corrupted, args)
-    ref = P[f"ref_{int(images)}"][idx].to(pc.device)                              # (B, 3), cached
+    ref = to_device(P[f"ref_{int(images)}"][idx], pc.device)                      # (B, 3), cached
     rc, rr, rk = ref.unbind(1)
     m = {}
     if kind == "dpo":
@@ -175,7 +175,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
         m["rewards/imageless_margins"] = (cr - kr).mean().item()
         m["rewards/imageless_accuracies"] = (cr > kr).float().mean().item()
     else:
-        s = P["scores"][idx].to(pc.device)
+        s = to_device(P["scores"][idx], pc.device)
         losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
             pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
             score_gap_mean=P["score_gap_mean"], generator=state["generator"])

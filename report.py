@@ -237,9 +237,13 @@ def record_stage(args, stage, seconds, argv=None, work=None):
     and `work`: the tokens it trained and inferred, their FLOPs and the matmul peak measured at its start."""
     run = _load_run(args.out_dir)
     sft = os.path.join(args.out_dir, "sft.pt")
-    run["stages"][stage] = {"seconds": seconds, "commit": commit(), "device": _device(args.device),
+    n = getattr(args, "world_size", 1)
+    device = _device(args.device) + (f"; {n} processes under torchrun (sft data-parallel, the pref runs dealt "
+                                      f"round them; tokens and utilisation are rank 0's)" if n > 1 else "")
+    start = f"torchrun --nproc_per_node={n} train.py" if n > 1 else "python train.py"
+    run["stages"][stage] = {"seconds": seconds, "commit": commit(), "device": device,
                             "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "finished": _now(),
-                            "command": " ".join(["python train.py", *(argv if argv is not None else ["--stage", stage])]),
+                            "command": " ".join([start, *(argv if argv is not None else ["--stage", stage])]),
                             "settings": settings(args),
                             "sft_digest": file_digest(sft) if stage != "tokenizer" and os.path.exists(sft) else None,
                             **(work or {})}

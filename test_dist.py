@@ -137,6 +137,38 @@ class TestDataParallelSFT(unittest.TestCase):
             self.assertEqual(torch.load(os.path.join(whole, "sft.pt"), weights_only=True)["step"], 4)
 
 
+class TestDataParallelPref(unittest.TestCase):
+
+    def test_the_comparison_dealt_round_two_ranks_is_the_one_process_comparison(self):
+        import data
+        import world
+        from model import PatchTokenizer
+        from test_model import renders, tiny_model
+        from test_pref import save_sft
+        tok = PatchTokenizer(512, 8, world.CANVAS)
+        tok.fit(renders("train", 300)[1])
+        model = tiny_model(data.Vocab(512))
+        flags = ["--stage", "pref", "--method", "dpo", "--pref_seeds", "2", "--pairs", "24", "--pref_steps", "3",
+                 "--pref_batch", "4", "--eval_n", "10", "--device", "cpu"]
+        with tempfile.TemporaryDirectory() as d:
+            results = []
+            for name, start in (("one", [sys.executable, "train.py"]), ("two", None)):
+                out = os.path.join(d, name)
+                os.makedirs(out)
+                save_sft(out, model, tok)
+                run = (subprocess.run([*start, *flags, "--out_dir", out], cwd=HERE, capture_output=True, text=True,
+                                      timeout=600) if start else torchrun("train.py", *flags, "--out_dir", out))
+                self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+                with open(os.path.join(out, "compare.json")) as f:
+                    results.append(json.load(f))
+                with open(os.path.join(out, "log.txt")) as f:
+                    log = f.read()
+            self.assertIn("pref dpo s1 | trained on another rank; evaluated", log)   # seed 1's run: rank 1's
+            self.assertEqual(results[0]["seeds"], [0, 1])
+            self.assertEqual(results[0]["rows"], results[1]["rows"])     # the same numbers, run for run
+            self.assertEqual(results[0]["curves"], results[1]["curves"])
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     sys.path.insert(0, HERE)
     worker(sys.argv[sys.argv.index("--worker") + 1])
