@@ -18,6 +18,7 @@ import data
 import dist
 import world
 from model import GPT, GPTConfig, PatchTokenizer
+from vq import VQVAE
 
 
 def pick_device():
@@ -85,11 +86,11 @@ def writable(out_dir):
 
 
 def log(args, line):
-    """A line on the terminal and in out_dir/log.txt; under torchrun, rank 0's only."""
-    if not dist.is_main():
-        return
-    tqdm.write(line)
-    with open(os.path.join(args.out_dir, "log.txt"), "a") as f:
+    """A line on the terminal and in out_dir/log.txt; under torchrun, rank 0's. The other ranks write
+    theirs to out_dir/log.rank<r>.txt alone (the preference runs they train, for one)."""
+    if dist.is_main():
+        tqdm.write(line)
+    with open(os.path.join(args.out_dir, "log.txt" if dist.is_main() else f"log.rank{dist.RANK}.txt"), "a") as f:
         f.write(line + "\n")
 
 
@@ -136,13 +137,28 @@ def require(ck, keys, path, what="checkpoint"):
         raise Refused(f"error: {path} is not a unipref {what}: it lacks {', '.join(missing)}")
 
 
+def tokenizer_fields(tok):
+    """What a checkpoint keeps of its tokenizer: the weights, and what rebuilds it (vq: the VQ-VAE's
+    configuration; None for the k-means patch tokenizer)."""
+    return {"tokenizer": tok.state_dict(), "n_codes": tok.n_codes, "patch": tok.patch,
+            "vq": tok.config() if isinstance(tok, VQVAE) else None}
+
+
+def build_tokenizer(ck, path, device):
+    """The tokenizer of checkpoint dict `ck` (read from `path`), in eval mode on `device`."""
+    try:
+        tok = VQVAE(**ck["vq"]) if ck.get("vq") else PatchTokenizer(ck["n_codes"], ck["patch"], world.CANVAS)
+    except (TypeError, ValueError) as e:
+        raise Refused(f"error: {path} has a tokenizer configuration this code does not know: {e}") from None
+    tok = tok.to(device)
+    _load_state(tok, ck["tokenizer"], path)
+    return tok.eval()
+
+
 def load_tokenizer(path, device):
     if not os.path.exists(path):
         raise Refused(f"error: no tokenizer at {path}; run `python train.py --stage tokenizer` first")
-    ck = read_checkpoint(path, device, ("tokenizer", "n_codes", "patch"), "tokenizer")
-    tok = PatchTokenizer(ck["n_codes"], ck["patch"], world.CANVAS).to(device)
-    _load_state(tok, ck["tokenizer"], path)
-    return tok
+    return build_tokenizer(read_checkpoint(path, device, ("tokenizer", "n_codes", "patch"), "tokenizer"), path, device)
 
 
 def load_model(path, device):
@@ -158,9 +174,7 @@ def load_model(path, device):
     except TypeError as e:
         raise Refused(f"error: {path} has a model configuration this code does not know: {e}") from None
     _load_state(model, ck["model"], path)
-    tok = PatchTokenizer(ck["n_codes"], ck["patch"], world.CANVAS).to(device)
-    _load_state(tok, ck["tokenizer"], path)
-    return model.eval(), tok, vocab, ck
+    return model.eval(), build_tokenizer(ck, path, device), vocab, ck
 
 
 def _load_state(module, state, path):
@@ -172,8 +186,12 @@ def _load_state(module, state, path):
 
 
 def settings(args):
-    """The settings a run's outputs depend on: every flag but which stage runs and --resume, as JSON types."""
-    return json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("stage", "resume")}))
+    """The settings a run's outputs depend on: every flag but which stage runs and --resume, as JSON types.
+    Not the number of processes, nor which GPU of them (the device's kind only): the outputs of a
+    stage do not depend on them (SFT's checkpoint checks its process count itself)."""
+    kept = {k: v for k, v in vars(args).items() if k not in ("stage", "resume", "world_size")}
+    kept["device"] = torch.device(args.device).type
+    return json.loads(json.dumps(kept))
 
 
 def differences(old, new):

@@ -33,7 +33,8 @@ STAGES = ("sft", "pref")
 
 
 def active():
-    return WORLD > 1
+    """Several processes, and their group still open (rank 0 closes it when the other ranks leave)."""
+    return WORLD > 1 and td.is_initialized()
 
 
 def is_main():
@@ -44,7 +45,7 @@ def is_main():
 def init(device):
     """Join the process group (NCCL on CUDA, one device per LOCAL_RANK; gloo on CPU) and return the
     device this process computes on. A no-op without torchrun."""
-    if not active():
+    if WORLD == 1:
         return device
     if device.startswith("cuda"):
         device = f"cuda:{LOCAL_RANK}"
@@ -56,7 +57,8 @@ def init(device):
 
 
 def close():
-    if active() and td.is_initialized():
+    """Leave the process group: every rank at once (NCCL's teardown may wait for all of them)."""
+    if active():
         td.destroy_process_group()
 
 

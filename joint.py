@@ -124,10 +124,10 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
         # a task where the model erred on < 1% of the prompts gives (almost) no pairs: stop asking
         # for it after this round (the other tasks keep their proportions)
         tasks = [t for t in tasks if t not in asked or wrong[t] >= 0.01 * asked[t]] or tasks
-    for kind, pairs in out.items():
-        if not pairs:
-            raise Refused(f"error: no {kind} generation pairs: the SFT model never made a mistake "
-                             f"at temperature {args.gen_temperature}; raise --gen_temperature or --gen_k")
+    for kind in [k for k, pairs in out.items() if not pairs]:
+        raise Refused(f"error: no {kind} generation pairs at temperature {args.gen_temperature}: the SFT model's "
+                      + ("drawings of a prompt all scored the same" if kind == "on" else "drawings were never wrong")
+                      + "; raise --gen_temperature or --gen_k, or train the SFT model longer")
     return out
 
 

@@ -18,8 +18,9 @@ from tqdm import tqdm
 import data
 import dist
 import world
-from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic
+from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic, tokenizer_fields
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths, to_device
+from vq import VQVAE
 
 
 # SFT's first --primer steps ask only these. Count and yes/no questions need the question's words
@@ -32,34 +33,66 @@ from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, le
 PRIMER_TASKS = ("colour", "count", "exists")
 
 # the settings an SFT checkpoint must share with the run that resumes it
-SAME_ON_RESUME = ("seed", "cooc", "caption_noise", "patch", "n_codes", "tok_images", "n_layer", "n_head", "n_embd",
+SAME_ON_RESUME = ("seed", "cooc", "caption_noise", "tokenizer", "vq_f", "patch", "n_codes", "tok_images", "n_layer", "n_head", "n_embd",
                   "batch_size", "und_frac", "und_loss", "turns", "primer", "und_first", "lr", "warmup", "decay",
                   "weight_decay", "grad_clip", "cfg_drop")
+
+# what a checkpoint written before a flag existed was trained with
+BEFORE_THE_FLAG = {"tokenizer": "patch", "vq_f": 3}
 
 
 # -----------------------------------------------------------------------------
 # stage 1: the image tokenizer
 
 def train_tokenizer(args):
+    """--tokenizer patch: k-means over the cells' pixels (seconds); vq: a VQ-VAE (vq.py). Either way
+    the bar is the same: the exact parser must recover the exact scene from decode(encode(x))."""
     rng = random.Random(args.seed)
-    scenes = [world.sample_scene(rng, "train", cooc=args.cooc)
-              for _ in tqdm(range(args.tok_images), desc="render", leave=False)]
-    imgs = np.stack([world.render(s) for s in scenes])                   # (N, 32, 32, 3)
-    tok = PatchTokenizer(args.n_codes, args.patch, world.CANVAS).to(args.device)
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
-    n_unique = tok.fit(imgs, generator=g)
+    if args.tokenizer == "vq":
+        tok, stats = train_vq(args, rng)
+    else:
+        scenes = [world.sample_scene(rng, "train", cooc=args.cooc)
+                  for _ in tqdm(range(args.tok_images), desc="render", leave=False)]
+        imgs = np.stack([world.render(s) for s in scenes])               # (N, 24, 24, 3)
+        tok = PatchTokenizer(args.n_codes, args.patch, world.CANVAS).to(args.device)
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        stats = {"distinct_patches": tok.fit(imgs, generator=g)}
     # the bar: the judge must recover the exact scene from decode(encode(x)) on held-out scenes
     test = [world.sample_scene(rng, "test") for _ in range(1000)]
     codes = tok.encode(np.stack([world.render(s) for s in test]))
     recon = tok.decode(codes).cpu().numpy()
     exact = np.mean([world.scene_key(world.parse(r)) == world.scene_key(s) for r, s in zip(recon, test)])
     used = len(torch.unique(codes))
-    save_atomic({"tokenizer": tok.state_dict(), "n_codes": args.n_codes, "patch": args.patch,
-                 "stats": dict(distinct_patches=n_unique, roundtrip_exact=float(exact), codes_used=used)},
-                os.path.join(args.out_dir, "tokenizer.pt"))
-    log(args, f"tokenizer | {n_unique} distinct patches, {args.n_codes} codes | "
-              f"round-trip exact scenes {exact:.4f} (1000 test scenes) | codes used on them {used}")
+    stats.update(roundtrip_exact=float(exact), codes_used=used)
+    save_atomic({**tokenizer_fields(tok), "stats": stats}, os.path.join(args.out_dir, "tokenizer.pt"))
+    what = (f"VQ-VAE, {tok.grid ** 2} tokens an image" if args.tokenizer == "vq"
+            else f"{stats['distinct_patches']} distinct patches")
+    log(args, f"tokenizer | {what}, {args.n_codes} codes | round-trip exact scenes {exact:.4f} (1000 test scenes) "
+              f"| codes used on them {used}")
     return tok
+
+
+def train_vq(args, rng):
+    """The VQ-VAE, trained on fresh training scenes (--vq_batch a step, --vq_steps steps); returns
+    (tokenizer in eval mode, stats)."""
+    tok = VQVAE(args.n_codes, args.vq_f, world.CANVAS).to(args.device)
+    opt = adamw(tok.parameters(), args.vq_lr, args.device)
+    g = torch.Generator(device=args.device).manual_seed(args.seed)
+    restarted, t0 = 0, time.perf_counter()
+    for step in tqdm(range(1, args.vq_steps + 1), desc="vq-vae", disable=not dist.is_main()):
+        imgs = np.stack([world.render(world.sample_scene(rng, "train", cooc=args.cooc)) for _ in range(args.vq_batch)])
+        loss, m = tok(imgs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % tok.restart_every == 0:
+            restarted += tok.restart_dead_codes(m["z"], g)
+        if step % (4 * args.log_every) == 0 or step == args.vq_steps:
+            log(args, f"tokenizer | step {step} | recon {m['recon'].item():.5f} | codebook {m['codebook'].item():.5f} "
+                      f"| commitment {m['commitment'].item():.5f} | perplexity {m['perplexity'].item():.1f} | "
+                      f"codes in use {int(m['used'])} of {args.n_codes} | dead codes restarted {restarted}")
+    return tok.eval(), {"steps": args.vq_steps, "seconds": time.perf_counter() - t0, "restarted": restarted,
+                        "final_recon": m["recon"].item(), "final_perplexity": m["perplexity"].item()}
 
 
 # -----------------------------------------------------------------------------
@@ -164,9 +197,11 @@ def sft_lr(step, args):
 def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
-    host_tok = copy.deepcopy(tok).cpu()     # the batches are tokenized on the host, while the device computes
+    # k-means codes are looked up on the host while the device computes; a VQ-VAE's convolutions stay on the device
+    host_tok = copy.deepcopy(tok).cpu() if isinstance(tok, PatchTokenizer) else tok
     mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
                      cell_words=data.cell_word_ids(vocab, tok.grid),
+                     block_size=max(96, tok.grid ** 2 + 60),   # the image's tokens + the longest text (58)
                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(mcfg, tok.codebook).to(args.device)
     ddp = dist.wrap(model)              # under torchrun: gradients averaged over the ranks; else the model
@@ -185,7 +220,8 @@ def train_sft(args):
         if ranks != dist.WORLD:   # every rank continues its own data stream
             raise Refused(f"error: {path} was trained by {ranks} data-parallel process(es) and this run has {dist.WORLD}; "
                           f"resume it with the same number (torchrun --nproc_per_node={ranks}, or plain python for 1)")
-        diff = differences({k: ck["config"].get(k) for k in SAME_ON_RESUME}, {k: vars(args)[k] for k in SAME_ON_RESUME})
+        was = {k: ck["config"].get(k, BEFORE_THE_FLAG.get(k)) for k in SAME_ON_RESUME}
+        diff = differences(was, {k: vars(args)[k] for k in SAME_ON_RESUME})
         if diff:
             raise Refused(f"error: {path} was trained with other settings ({diff}); resume with those, or start "
                           f"again without --resume")
@@ -208,7 +244,7 @@ def train_sft(args):
         if dist.is_main():
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "model_config": asdict(mcfg), "config": vars(args), "step": step,
-                         "tokenizer": tok.state_dict(), "n_codes": tok.n_codes, "patch": tok.patch,
+                         **tokenizer_fields(tok),
                          "rng": {**states[0], "ranks": states}}, path)
         dist.barrier()   # nobody reads the checkpoint before it is whole
 

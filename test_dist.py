@@ -82,7 +82,7 @@ def worker(out_dir):
                 measured.update(
                     grad_rel_err=float((grads[0] - ref).norm() / ref.norm()), grad_norm=float(ref.norm()),
                     ranks_grad_diff=float((grads[0] - grads[1]).abs().max()),
-                    loss_err=abs(float(sum(losses)) - float(whole)), loss=float(whole),
+                    loss_err=abs(float(sum(losses)) - whole.item()), loss=whole.item(),
                     batches_differ=not torch.equal(batches[0][0][:, :5], batches[1][0][:, :5]))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -120,7 +120,10 @@ class TestDataParallelSFT(unittest.TestCase):
                 log = f.read()
             self.assertEqual(log.count("sft | done"), 1)            # rank 0 alone logs
             self.assertIn("data-parallel over 2 ranks: global batch 2 x 8 = 16 sequences", log)
-            self.assertEqual(sorted(os.listdir(whole)), ["log.txt", "run.json", "sft.pt", "tokenizer.pt"])
+            # rank 1 writes its log lines to a file of its own, and nothing else
+            self.assertEqual(sorted(os.listdir(whole)), ["log.rank1.txt", "log.txt", "run.json", "sft.pt", "tokenizer.pt"])
+            with open(os.path.join(whole, "log.rank1.txt")) as f:
+                self.assertNotIn("tokenizer", f.read())              # the tokenizer is rank 0's
             a = torch.load(os.path.join(whole, "sft.pt"), weights_only=True)
             b = torch.load(os.path.join(part, "sft.pt"), weights_only=True)
             self.assertEqual((a["step"], b["step"], a["config"]["world_size"]), (4, 4, 2))
@@ -164,6 +167,8 @@ class TestDataParallelPref(unittest.TestCase):
                 with open(os.path.join(out, "log.txt")) as f:
                     log = f.read()
             self.assertIn("pref dpo s1 | trained on another rank; evaluated", log)   # seed 1's run: rank 1's
+            with open(os.path.join(d, "two", "log.rank1.txt")) as f:
+                self.assertIn("pref dpo s1 | step 3 |", f.read())    # ... and its log lines
             self.assertEqual(results[0]["seeds"], [0, 1])
             self.assertEqual(results[0]["rows"], results[1]["rows"])     # the same numbers, run for run
             self.assertEqual(results[0]["curves"], results[1]["curves"])

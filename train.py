@@ -83,10 +83,21 @@ parser.add_argument("--cooc", type=float, default=world.COOC,
 parser.add_argument("--caption_noise", type=float, default=1.0,
                     help="fraction of bias-breaking training captions that mention the absent companion")
 # tokenizer
+parser.add_argument("--tokenizer", default=None, choices=["patch", "vq"],
+                    help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
+                         "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
+                         "default: the preset's (quick: patch, gpu: vq)")
+parser.add_argument("--vq_f", type=int, default=3, choices=[3, 4, 8],
+                    help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
+                         "cells, 4 = 36, 8 = 9 (one a cell)")
+parser.add_argument("--vq_steps", type=int, default=1000, help="VQ-VAE training steps")
+parser.add_argument("--vq_batch", type=int, default=64, help="fresh training renders per VQ-VAE step")
+parser.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE learning rate (AdamW, no weight decay)")
 parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
                     help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
                          "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
-parser.add_argument("--n_codes", type=int, default=None, help="VQ codebook size (default 512 for patch 8, 1024 for 4)")
+parser.add_argument("--n_codes", type=int, default=None,
+                    help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
 parser.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
 # model (None = from the preset)
 parser.add_argument("--n_layer", type=int, default=None, help="transformer blocks")
@@ -184,14 +195,16 @@ def resolve(args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.tokenizer is None:
+        args.tokenizer = "vq" if args.preset == "gpu" else "patch"
     if args.n_codes is None:
-        args.n_codes = 512 if args.patch == 8 else 1024
+        args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     for k in ("primer", "und_first"):
         if getattr(args, k) < 0:
             parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
-    for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "n_layer", "n_head", "n_embd", "eval_n",
+    for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "vq_steps", "vq_batch", "vq_lr", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "joint_lr", "tax_seeds", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
               "self_steps"):
@@ -255,14 +268,19 @@ def pipeline(args, runs, argv):
     for k, a in enumerate(runs):
         seed_everything(a.seed)
         rng[k] = global_rng_state()
+    last = max([i for i, (name, _) in enumerate(jobs) if name in dist.STAGES], default=-1)
+    if last < 0:   # nothing data-parallel: rank 0 runs it all
+        dist.close()
     for i, (name, k) in enumerate(jobs):
         if dist.is_main() or name in dist.STAGES:
             set_global_rng_state(rng[k])
             if not run_stage(runs[k], name, argv):
                 kept.add(name)
             rng[k] = global_rng_state()
-        if any(n in dist.STAGES for n, _ in jobs[i + 1:]):
+        if i <= last:
             dist.barrier()
+        if i == last:   # the ranks part: rank 0 goes on alone, without a process group
+            dist.close()
     if not dist.is_main():
         return
     total = time.perf_counter() - t0
@@ -289,15 +307,16 @@ def main(argv=None):
         for k, a in enumerate(runs):
             a.seed, a.out_dir = args.seed + k, seeds.seed_dir(args.out_dir, k)
             writable(a.out_dir)
-    if args.stage not in ("report", "tax"):
+    if args.stage in ("report", "tax"):
+        dist.close()                        # rank 0's alone: the other ranks leave at once
+    else:
         pipeline(args, runs, argv)
-    elif dist.is_main():   # the report and the tax sweep: rank 0 alone
+    if args.stage == "tax" and dist.is_main():
         for a in runs:
-            if args.stage == "tax":
-                seed_everything(a.seed)
-                tax.sweep(a)
-        if args.stage == "report" and len(runs) == 1:
-            report.write(args.out_dir)
+            seed_everything(a.seed)
+            tax.sweep(a)
+    if args.stage == "report" and len(runs) == 1 and dist.is_main():
+        report.write(args.out_dir)
     if len(runs) > 1 and args.stage != "tax" and dist.is_main():
         seeds.write(args.out_dir, args.sft_seeds)
     dist.close()
