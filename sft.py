@@ -80,12 +80,14 @@ def train_vq(args, rng):
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     restarted, t0 = 0, time.perf_counter()
     for step in tqdm(range(1, args.vq_steps + 1), desc="vq-vae", disable=not dist.is_main()):
+        for group in opt.param_groups:   # a cosine from --vq_lr down to 10% of it: the last steps polish the edges
+            group["lr"] = args.vq_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.vq_steps)))
         imgs = np.stack([world.render(world.sample_scene(rng, "train", cooc=args.cooc)) for _ in range(args.vq_batch)])
         loss, m = tok(imgs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % tok.restart_every == 0:
+        if step % tok.restart_every == 0 and step <= 0.75 * args.vq_steps:   # the last quarter settles
             restarted += tok.restart_dead_codes(m["z"], g)
         if step % (4 * args.log_every) == 0 or step == args.vq_steps:
             log(args, f"tokenizer | step {step} | recon {m['recon'].item():.5f} | codebook {m['codebook'].item():.5f} "
