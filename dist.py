@@ -8,12 +8,12 @@ torchrun starts N copies of train.py and tells each its RANK, LOCAL_RANK and WOR
 environment. Without torchrun there is one process, rank 0 of 1, no process group is made and every
 function here returns at once: `python train.py` runs exactly as if this module did not exist.
 
-What runs data-parallel (README, "Several GPUs"): SFT, the one stage that trains on a stream of
-fresh data. Every rank draws its own batches (data_seed), DDP averages the gradients, and the loss
-is normalised by the GLOBAL token counts (global_counts), so one step is the step of a single process
-on the N ranks' batches concatenated. The preference comparison's runs are independent of each
-other and small: each rank trains its share of them whole (my_share). Everything else (the tokenizer,
-evaluation, the joint study, the probes, the report) runs on rank 0 while the others wait.
+What runs data-parallel (README, "One GPU, or several"): SFT, the one stage that trains on a stream
+of fresh data. Every rank draws its own batches (data_seed), DDP averages the gradients, and the loss
+is normalised by the token counts of all ranks' batches (sft.sft_loss, all_sum), so one step is the
+step of a single process on the N ranks' batches concatenated. The preference comparison's runs are
+independent of each other and small: each rank trains its share of them whole (pref.compare).
+Everything else (the tokenizer, evaluation, the joint study, the probes, the report) runs on rank 0.
 """
 import datetime
 import inspect
@@ -86,11 +86,6 @@ def wrap(model):
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
 
 
-def unwrap(model):
-    """The GPT inside a DDP wrapper (for its methods other than forward), or the model itself."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def all_sum(t):
     """The sum of t over the ranks (t itself in one process). Differentiable it is not: for counts and
     logged values only."""
@@ -108,7 +103,3 @@ def gather(obj):
     td.all_gather_object(out, obj)
     return out
 
-
-def my_share(items):
-    """The items this rank handles when independent jobs are dealt round the ranks."""
-    return items[RANK::WORLD]

@@ -294,8 +294,7 @@ def preference_data(args, sft_path):
     in out_dir/pairs_s<seed>.pt: the joint study and the tax sweep train on the same pairs, and take
     them from there when the SFT model, the code and PAIR_FLAGS are the same."""
     path = os.path.join(args.out_dir, f"pairs_s{args.seed}.pt")
-    flags = {k: vars(args)[k] for k in PAIR_FLAGS}
-    flags["device"] = torch.device(args.device).type       # cuda:1 samples as cuda:0 does
+    flags = {k: v for k, v in settings(args).items() if k in PAIR_FLAGS}   # (the device's kind: cuda:1 samples as cuda:0)
     made_with = {"flags": flags, "sft_digest": file_digest(sft_path),
                  "commit": report.commit()}
     if os.path.exists(path):
