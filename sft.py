@@ -5,6 +5,7 @@ Stages 1 and 2: the image tokenizer, then joint SFT of understanding and generat
     python train.py --stage sft              # train from out/tokenizer.pt; --resume continues
 """
 import copy
+import json
 import math
 import os
 import random
@@ -18,7 +19,9 @@ from tqdm import tqdm
 import data
 import dist
 import world
-from checkpoint import Refused, differences, load_tokenizer, log, read_checkpoint, save_atomic, tokenizer_fields
+import eval as evaluation
+from checkpoint import (Refused, differences, global_rng_state, load_tokenizer, log, read_checkpoint, save_atomic,
+                        set_global_rng_state, tokenizer_fields, write_atomic)
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths, to_device
 from vq import VQVAE
 
@@ -160,6 +163,14 @@ def sft_loss(model, ids, labels, task, und_loss="tokens", across_ranks=False):
     return und + gen, und, gen
 
 
+def read_json_list(path):
+    """A JSON list from path, or [] if there is no such file."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def adamw(params, lr, device, weight_decay=0.0):
     """AdamW with betas (0.9, 0.95), as every stage trains. The fused kernel (CUDA, and CPU since
     torch 2.4) does the update of all parameters in one pass: a quarter of the time of the plain
@@ -194,6 +205,23 @@ def sft_lr(step, args):
     tail = max(0.0, (step - (1 - args.decay) * args.steps) / (args.decay * args.steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, tail)))
     return args.lr * frac * (0.1 + 0.9 * cos)
+
+
+def curve_point(model, tok, vocab, args, step):
+    """One point of the SFT learning curve (--curve_every): answer accuracy on --curve_n test scenes
+    per question type, GenEval at T=0 on --curve_n test prompts per family, and CHAIR_i of captions
+    of --curve_n bias-breaking scenes. The same held-out examples at every point (--eval_seed); the
+    global random generators are left as they were, so the training run is the one without a curve."""
+    state, n, dev, dt, seed = global_rng_state(), args.curve_n, args.device, args.dtype, args.eval_seed
+    model.eval()
+    und, _ = evaluation.eval_understanding(model, tok, vocab, "test", n, dev, dt, seed, tasks=data.UND_TASKS[1:])
+    gen, _ = evaluation.eval_generation(model, tok, vocab, "test", n, dev, dt, seed, 0.0, args.cfg_scale)
+    caps = evaluation.caption_scores(*evaluation.captions(model, tok, vocab, "bias", n, dev, dt, seed))
+    model.train()
+    set_global_rng_state(state)
+    return {"step": step, "answer_acc": und["answer_acc"], **{k: und[k] for k in data.UND_TASKS[1:]},
+            "geneval_T0": gen["overall"], **{f"gen_{k}": gen[k] for k in data.GEN_TASKS},
+            "bias_CHAIR_i": caps["CHAIR_i"], "bias_Cover": caps["Cover"]}
 
 
 def train_sft(args):
@@ -250,6 +278,10 @@ def train_sft(args):
                          "rng": {**states[0], "ranks": states}}, path)
         dist.barrier()   # nobody reads the checkpoint before it is whole
 
+    # the learning curve (--curve_every): its points up to the step this run starts from
+    curve_path = os.path.join(args.out_dir, "sft_curve.json")
+    curve = [p for p in (read_json_list(curve_path) if step else []) if p["step"] <= step]
+
     model.train()
     t_log, tokens, t_start = time.perf_counter(), 0, time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc="sft", disable=not dist.is_main())   # one bar
@@ -280,6 +312,12 @@ def train_sft(args):
                       f"gen {gen.item():.4f} | lr {lr:.2e} | {1000 * dt / args.log_every:.0f} ms/step | "
                       f"{tokens / dt:.0f} tok/s | {100 * mfu:.1f}% of the matmul peak")
             t_log, tokens = time.perf_counter(), 0
+        if args.curve_every and (step % args.curve_every == 0 or step == args.steps) and dist.is_main():
+            curve.append(curve_point(model, tok, vocab, args, step))
+            write_atomic(curve_path, json.dumps(curve, indent=1))
+            log(args, f"sft curve | step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
+                                                                 if k != "step"))
+            t_log = time.perf_counter()      # (the evaluation is not the steps' time)
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint()
     bar.close()

@@ -127,6 +127,10 @@ parser.add_argument("--cfg_drop", type=float, default=0.1,
                     help="fraction of generation examples trained without their prompt (for CFG)")
 parser.add_argument("--log_every", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints")
+parser.add_argument("--curve_every", type=int, default=0,
+                    help="steps between points of the SFT learning curve (answer accuracy, GenEval at T=0, bias "
+                         "CHAIR_i; out_dir/sft_curve.json); 0 = none")
+parser.add_argument("--curve_n", type=int, default=50, help="held-out examples per task of a learning-curve point")
 # eval
 parser.add_argument("--eval_n", type=int, default=200, help="examples per task and split in eval")
 parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples (fixed across runs)")
@@ -201,13 +205,13 @@ def resolve(args):
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
-    for k in ("primer", "und_first"):
+    for k in ("primer", "und_first", "curve_every"):
         if getattr(args, k) < 0:
             parser.error(f"--{k} must be >= 0, got {getattr(args, k)}")
     for k in ("steps", "turns", "batch_size", "n_codes", "tok_images", "vq_steps", "vq_batch", "vq_lr", "n_layer", "n_head", "n_embd", "eval_n",
               "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "joint_lr", "tax_seeds", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
-              "self_steps"):
+              "self_steps", "curve_n"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.stage not in ("all", "tax", "report"):
