@@ -6,14 +6,14 @@ prompts).
 """
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from world import (CANONICAL, CELLS, COLOURS, COMPANION, HELD_OUT, MAX_OBJECTS, NAMES, NUMBERS, PLURAL,
                    PROBE_WORDS, RELATIONS, RELATION_CELLS, SHAPES, SYMBOLS, TRAIN_KINDS, caption_words,
-                   hallucinated_mentions, mention_words, sample_scene)
+                   hallucinated_mentions, in_test_bucket, mention_words, sample_scene)
 
 # -----------------------------------------------------------------------------
 # the word-level vocabulary, derived from the grammar
@@ -288,6 +288,30 @@ def hallucinate(rng, scene, n_edits, keep_length=False):
             kind = rng.choice([k for k in absent if k[0] == col or k[1] == shp] or absent)
         mentions[i] = (cell, *kind)
     return mention_words(mentions)
+
+
+def alter_scene(rng, scene, tries=100):
+    """The scene with ONE object changed: its colour, its shape, or its cell (the jitter kept); never
+    into a held-out colour+shape combination, onto another object's cell, or into the test bucket, so
+    the altered scene is as much a training scene as the original. None if `tries` draws fail. The
+    rejected image of a generation pair built from the world (joint.build_world_pairs)."""
+    for _ in range(tries):
+        i = rng.randrange(len(scene))
+        o = scene[i]
+        what = rng.choice(("colour", "shape", "cell"))
+        if what == "colour":
+            new = replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour]))
+        elif what == "shape":
+            new = replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+        else:
+            free = sorted(set(range(9)) - {x.cell for x in scene})
+            if not free:
+                continue
+            new = replace(o, cell=rng.choice(free))
+        altered = scene[:i] + (new,) + scene[i + 1:]
+        if new.kind not in HELD_OUT and not in_test_bucket(altered):
+            return altered
+    return None
 
 
 def constructed_pair(rng, scene, task="caption", keep_length=False):

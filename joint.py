@@ -50,12 +50,22 @@ ROWS = {
     "gen mDPO (ours: corrupted prompt)": ("gen", "mdpo", "on"),
     "gen mDPO without the conditional term": ("gen", "mdpo_nocond", "on"),
     "gen DAMA (parser score gap)": ("gen", "dama", "on"),
+    "und DPO (world pairs)": ("und", "dpo", "world"),      # (its generation gradient is measured on world pairs)
+    "gen DPO (world pairs)": ("gen", "dpo", "world"),
     "joint naive sum": ("naive", "dpo", "on"),
     "joint w_U = N/(N+T)": ("wu", "dpo", "on"),
     "joint grad-norm balanced": ("gradnorm", "dpo", "on"),
     "joint PCGrad": ("pcgrad", "dpo", "on"),
     "joint per-task beta": ("beta", "dpo", "on"),
+    "joint naive sum (world pairs)": ("naive", "dpo", "world"),
 }
+# the study's post-hoc rows, built from two trained rows of the same seed without training:
+# Rewarded Soups (Rame et al. 2023): the weights of the understanding-only and the generation-only
+# models interpolated, lambda x und + (1 - lambda) x gen; and the oracle of two separate models
+SOUP_OF = ("und DPO", "gen DPO")
+SOUPS = {f"soup lambda={lam:g} (und DPO x gen DPO)": lam for lam in (0.3, 0.5, 0.7)}
+ORACLE = "oracle: und DPO model reads, gen DPO model draws"
+KIND_NAMES = {"on": "on-policy", "real": "real-vs-generated", "world": "world"}
 
 
 # -----------------------------------------------------------------------------
@@ -68,7 +78,8 @@ class GenPair:
     rejected: list
     corrupted: list           # the prompt with one attribute changed (the mDPO-style condition)
     scores: tuple             # parser scores (chosen, rejected), each in [0, 1]
-    source: str               # 'on-policy' (both sampled) or 'real' (chosen = the ground-truth render)
+    source: str               # 'on-policy' (both sampled), 'real' (chosen = the ground-truth render) or
+                              # 'world' (both rendered: the prompt's scene against it with one object changed)
 
     @property
     def prompt(self):
@@ -94,15 +105,19 @@ def corrupted_for(rng, ex, parsed, score, tries=20):
     return None
 
 
-def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
+def build_gen_pairs(model, tok, vocab, args, rng, kinds=("on", "real"), max_rounds=20):
     """Sample --gen_k images per training prompt until --gen_pairs pairs of each kind exist (prompts
-    where every sample scores the same give no on-policy pair). Returns {'on': [...], 'real': [...]}."""
+    where every sample scores the same give no on-policy pair). Returns {kind: [...]} for the wanted
+    kinds. A kind that a whole round of prompts did not add to is no longer sought: a model that
+    draws nothing parseable gives no on-policy pair, and its kind comes back short, or empty."""
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     K, want = args.gen_k, args.gen_pairs
-    out, tasks = {"on": [], "real": []}, list(data.GEN_TASKS)
+    out, tasks, seeking = {k: [] for k in kinds}, list(data.GEN_TASKS), set(kinds)
     for _ in range(max_rounds):
-        if min(len(v) for v in out.values()) >= want:
+        seeking = {k for k in seeking if len(out[k]) < want}
+        if not seeking:
             break
+        before = {k: len(out[k]) for k in seeking}
         exs = [data.gen_example(rng, "train", rng.choice(tasks)) for _ in range(want)]
         imgs, codes = evaluation.draw(model, tok, vocab, [e.question for e in exs for _ in range(K)], args.device,
                                       args.dtype, args.gen_temperature, args.cfg_scale, g, return_codes=True)
@@ -111,24 +126,44 @@ def build_gen_pairs(model, tok, vocab, args, rng, max_rounds=20):
         for i, e in enumerate(exs):
             best, worst, s = rank_samples(e, imgs[K * i:K * i + K])
             c = codes[K * i:K * i + K]
-            if s[best] > s[worst] and len(out["on"]) < want:
+            if "on" in seeking and s[best] > s[worst] and len(out["on"]) < want:
                 corrupted = corrupted_for(rng, e, world.parse(imgs[K * i + best]), s[best])
                 if corrupted:
                     out["on"].append(GenPair(e, c[best], c[worst], corrupted, (s[best], s[worst]), "on-policy"))
-            if s[worst] < 1 and len(out["real"]) < want:
+            if "real" in seeking and s[worst] < 1 and len(out["real"]) < want:
                 corrupted = corrupted_for(rng, e, e.scene, 1.0)
                 if corrupted:
                     out["real"].append(GenPair(e, truth[i], c[worst], corrupted, (1.0, s[worst]), "real"))
             wrong[e.task] = wrong.get(e.task, 0) + (s[worst] < 1)
             asked[e.task] = asked.get(e.task, 0) + 1
+        seeking -= {k for k in seeking if len(out[k]) == before[k]}
         # a task where the model erred on < 1% of the prompts gives (almost) no pairs: stop asking
         # for it after this round (the other tasks keep their proportions)
         tasks = [t for t in tasks if t not in asked or wrong[t] >= 0.01 * asked[t]] or tasks
-    for kind in [k for k, pairs in out.items() if not pairs]:
-        raise Refused(f"error: no {kind} generation pairs at temperature {args.gen_temperature}: the SFT model's "
-                      + ("drawings of a prompt all scored the same" if kind == "on" else "drawings were never wrong")
-                      + "; raise --gen_temperature or --gen_k, or train the SFT model longer")
     return out
+
+
+def build_world_pairs(tok, args, rng):
+    """--gen_pairs pairs that need no model, built from the world alone: chosen = the tokenized render
+    of a training prompt's scene; rejected = the tokenized render of that scene with ONE object
+    changed (data.alter_scene) so that it fits the prompt worse (the parser's score < 1). The same
+    scenes and the same changes whatever the tokenizer: the pairs of the token-count study."""
+    made = []
+    while len(made) < args.gen_pairs:
+        e = data.gen_example(rng, "train", rng.choice(data.GEN_TASKS))
+        for _ in range(20):
+            altered = data.alter_scene(rng, e.scene)
+            score = world.prompt_score(e, world.parse(world.render(altered))) if altered else 1.0
+            if score < 1:
+                break
+        else:
+            continue
+        corrupted = corrupted_for(rng, e, e.scene, 1.0)
+        if corrupted:
+            made.append((e, altered, score, corrupted))
+    codes = tok.encode(np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)])).tolist()
+    return [GenPair(e, codes[2 * i], codes[2 * i + 1], corrupted, (1.0, score), "world")
+            for i, (e, _, score, corrupted) in enumerate(made)]
 
 
 def gen_pair_data(ref, vocab, pairs, args):
@@ -141,18 +176,29 @@ def gen_pair_data(ref, vocab, pairs, args):
     return P
 
 
-def gen_preference_data(args, sft_path):
-    """Generation pair data of --seed: {'on': P, 'real': P}."""
+def gen_preference_data(args, sft_path, kinds=("on", "real", "world")):
+    """Generation pair data of --seed: {kind: P} for the wanted kinds that have pairs, and
+    {kind: why} for those that have none."""
     ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
-    out = {}
-    for kind, pairs in build_gen_pairs(ref, tok, vocab, args, random.Random(args.seed)).items():
+    rng = random.Random(args.seed)
+    sampled = [k for k in kinds if k != "world"]
+    built = build_gen_pairs(ref, tok, vocab, args, rng, sampled) if sampled else {}
+    if "world" in kinds:   # (after the sampled kinds, whose random stream it leaves as it was)
+        built["world"] = build_world_pairs(tok, args, random.Random(f"{args.seed}/world"))
+    out, missing = {}, {}
+    for kind, pairs in built.items():
+        if not pairs:
+            missing[kind] = (f"no {KIND_NAMES[kind]} generation pairs at temperature {args.gen_temperature:g}: the SFT model's "
+                             + ("drawings of a prompt all scored the same" if kind == "on" else "drawings were never wrong"))
+            log(args, f"gen pairs s{args.seed} | {kind} | none: {missing[kind]}")
+            continue
         out[kind] = P = gen_pair_data(ref, vocab, pairs, args)
         tasks = {t: sum(p.example.task == t for p in pairs) for t in data.GEN_TASKS}
         log(args, f"gen pairs s{args.seed} | {kind} | {len(pairs)} pairs | score gap mean "
                         f"{P['score_gap_mean']:.3f} | by task {tasks}")
     log(args, f"gen pairs s{args.seed} | built in {time.perf_counter() - t0:.0f} s")
-    return out
+    return out, missing
 
 
 # -----------------------------------------------------------------------------
@@ -342,9 +388,33 @@ DIAG_COLS = ["cos", "cos_half", "cos_within_und", "cos_within_gen", "rho", "kl_u
              "dpo_loss_und_end", "dpo_loss_gen_end", "acc_gen_end"]
 
 
+def soup(models, lam):
+    """Rewarded Soups: the state dict lam x models[0] + (1 - lam) x models[1] (same architecture)."""
+    a, b = (m.state_dict() for m in models)
+    return {k: lam * a[k] + (1 - lam) * b[k] if a[k].is_floating_point() else a[k] for k in a}
+
+
+def posthoc_rows(trained, evals, tok, vocab, args, stats, sft):
+    """The rows that need no training, from this seed's und-only and gen-only models (when both were
+    trained): the soups at each lambda, evaluated on both tasks, and the oracle of the two models
+    (the understanding outcomes of one, the generation outcomes of the other)."""
+    if not all(r in trained for r in SOUP_OF):
+        return {}
+    out = {}
+    for row, lam in SOUPS.items():
+        model = load_model(sft, args.device)[0]
+        model.load_state_dict(soup([trained[r] for r in SOUP_OF], lam))
+        model.eval()
+        out[row] = {"lambda": lam, **tradeoff_eval(model, tok, vocab, args, stats)}
+    und, gen = (evals[r] for r in SOUP_OF)
+    out[ORACLE] = {k: (gen if k.startswith("gen_") else und)[k] for k in OUTCOME_COLS}
+    return out
+
+
 def study(args):
-    """Stage joint: every row of ROWS (or --rows) x --pref_seeds seeds from one SFT model; writes
-    out_dir/study.{md,json}."""
+    """Stage joint: every row of ROWS (or --rows) x --pref_seeds seeds from one SFT model, and the
+    post-hoc rows; writes out_dir/study.{md,json}. A row whose generation pairs cannot be built
+    (a model that draws nothing parseable has no on-policy pairs) is left empty, with the reason."""
     sft = os.path.join(args.out_dir, "sft.pt")
     rows_wanted = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [r for r in rows_wanted if r not in ROWS]
@@ -356,33 +426,53 @@ def study(args):
     speed = evaluation.kv_cache_speedup(model, tok, vocab, args)
     log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
                     f"{speed['uncached_s']:.2f} s uncached: {speed['speedup']:.1f}x")
-    rows, curves = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}
+    rows, curves, empty = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}, {}
+    kinds = tuple(k for k in ("on", "real", "world") if any(ROWS[r][2] == k for r in rows_wanted))
     for seed in [args.seed + i for i in range(args.pref_seeds)]:
         a = copy.copy(args)
         a.seed = seed
         PU = pref.preference_data(a, sft)
-        PG = gen_preference_data(a, sft)
+        PG, missing = gen_preference_data(a, sft, kinds)
+        trained, evals = {}, {}
         for row in rows_wanted:
+            if ROWS[row][2] in missing:
+                empty.setdefault(row, f"s{seed}: {missing[ROWS[row][2]]}")
+                log(args, f"joint {row} s{seed} | left empty: {missing[ROWS[row][2]]}")
+                continue
             t = time.perf_counter()
             policy, summary, curve = train_row(a, row, PU, PG, sft)
             curves.setdefault(row, []).append(curve)
-            r = {**summary, **tradeoff_eval(policy, tok, vocab, a, stats)}
+            evals[row] = tradeoff_eval(policy, tok, vocab, a, stats)
+            r = {**summary, **evals[row]}
             rows.setdefault(row, []).append(r)
+            if row in SOUP_OF:
+                trained[row] = policy
             log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
                                                                    if k in r)
                       + f" | trained and evaluated in {time.perf_counter() - t:.0f} s")
-    layer_cols = [c for c in rows[rows_wanted[0]][0] if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
+        for row, r in posthoc_rows(trained, evals, tok, vocab, a, stats, sft).items():
+            rows.setdefault(row, []).append(r)
+            log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS))
+    first = next((rs[0] for k, rs in rows.items() if k in ROWS), {})
+    layer_cols = [c for c in first if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
     head = (f"`python train.py --stage joint` | {args.pref_seeds} seed(s) from one SFT model | "
             f"{args.pairs} understanding + {args.gen_pairs} generation pairs per seed, {args.joint_steps} steps "
             f"of {args.pref_batch} + {args.pref_batch} pairs, beta {args.beta}, lr {args.joint_lr} | generation "
             f"sampled at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} (pairs and eval), {args.joint_eval_n} "
             f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
-    trained = {k: v for k, v in rows.items() if k != "SFT"}
+    trained = {k: v for k, v in rows.items() if k in ROWS}
     md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
           "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "
           "and are held out); answer accuracy on test scenes; CHAIR_i, Cover and POPE adversarial F1 on "
-          "bias-breaking scenes.\n\n" + report.seed_table(rows, OUTCOME_COLS)
+          "bias-breaking scenes. Generation pairs: on-policy (the best and the worst of the SFT model's samples), "
+          "real vs generated (the true render against the worst sample), world pairs (the true render against "
+          "the render of the same scene with one object changed: no model needed). The soups interpolate the "
+          "weights of the und DPO and gen DPO models of the same seed (lambda = the und DPO model's weight); "
+          "the oracle takes understanding from the first and generation from the second.\n\n"
+          + report.seed_table(rows, OUTCOME_COLS)
+          + "".join(f"\nLeft empty ({why}): " + ", ".join(r for r in empty if empty[r] == why) + ".\n"
+                    for why in dict.fromkeys(empty.values()))
           + "\nDiagnostics, means over the measured steps: cos = cosine of the understanding and generation "
             "gradients over all (shared) parameters at the full batch; cos_half = the same between half batches, "
             "to be read against the within-task controls cos_within_* (two halves of one batch); rho = "
@@ -393,7 +483,7 @@ def study(args):
           + "\nCosine per layer:\n\n" + report.seed_table(trained, layer_cols))
     write_atomic(os.path.join(args.out_dir, "study.md"), md)
     write_atomic(os.path.join(args.out_dir, "study.json"), json.dumps(
-        {"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "kv_cache": speed,
+        {"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "empty_rows": empty, "kv_cache": speed,
          "seconds": time.perf_counter() - t0, "config": vars(args)}, indent=1))
     print(md)
     return rows

@@ -17,7 +17,8 @@ import data
 import joint
 import pref
 import world
-from test_pref import tiny_setup
+from test_pref import tiny_model, tiny_setup
+from vq import VQVAE
 
 
 def empty_image():
@@ -69,6 +70,38 @@ class TestGenerationPairs(unittest.TestCase):
             truth = tok.encode(world.render(p.example.scene)[None])[0].tolist()
             self.assertEqual(p.chosen, truth)
             self.assertLess(p.scores[1], 1.0)
+
+    def test_world_pairs_are_the_same_scenes_whatever_the_tokenizer(self):
+        tok, vocab, model, args, _ = tiny_setup(n_pairs=4)
+        args = types.SimpleNamespace(**vars(args), gen_pairs=40)
+        pairs = joint.build_world_pairs(tok, args, random.Random(7))
+        self.assertEqual(len(pairs), 40)
+        for p in pairs:
+            self.assertEqual(p.chosen, tok.encode(world.render(p.example.scene)[None])[0].tolist())
+            # the patch tokenizer is lossless: the rejected image is the scene with ONE object changed
+            altered = world.parse(tok.decode(torch.tensor([p.rejected])).numpy()[0])
+            self.assertEqual(world.prompt_score(p.example, altered), p.scores[1])
+            self.assertEqual(p.scores[0], 1.0)
+            self.assertLess(p.scores[1], 1.0)
+            before, after = set(world.scene_key(p.example.scene)), set(world.scene_key(altered))
+            self.assertEqual((len(before - after), len(after - before)), (1, 1))
+            self.assertFalse({(c, s) for _, c, s in after} & world.HELD_OUT)
+            self.assertFalse(world.in_test_bucket(altered))
+            self.assertEqual(p.source, "world")
+        # another tokenizer (a VQ-VAE, 36 tokens an image): the same prompts, changes and scores
+        vq = VQVAE(16, 4, world.CANVAS).eval()
+        again = joint.build_world_pairs(vq, args, random.Random(7))
+        self.assertEqual([(p.example, p.corrupted, p.scores) for p in again],
+                         [(p.example, p.corrupted, p.scores) for p in pairs])
+        self.assertEqual({len(p.chosen) for p in again}, {36})
+
+    def test_soups_interpolate_the_two_models_weights(self):
+        a, b = (tiny_model(data.Vocab(512), seed) for seed in (0, 1))
+        for lam in (0.0, 0.3, 1.0):
+            mixed = joint.soup([a, b], lam)
+            for k, v in a.state_dict().items():
+                self.assertTrue(torch.allclose(mixed[k], lam * v + (1 - lam) * b.state_dict()[k]), k)
+        self.assertTrue(all(torch.equal(v, a.state_dict()[k]) for k, v in joint.soup([a, b], 1.0).items()))
 
     def test_corrupted_prompt_changes_one_attribute(self):
         rng = random.Random(3)
@@ -174,7 +207,7 @@ class TestJointTraining(unittest.TestCase):
             args = types.SimpleNamespace(**vars(args), out_dir=d, joint_lr=1e-3, pref_batch=4, joint_steps=2,
                                          gen_beta=None, diag_every=1, log_every=1, eval_seed=0)
             P = joint.gen_pair_data(model, vocab, pairs, args)
-            PG = {"on": P, "real": P}
+            PG = {"on": P, "real": P, "world": P}
             self.assertEqual(tuple(P["ref_1"].shape), (8, 3))
             before = torch.cat([p.flatten() for p in model.parameters()])
             for row, (strategy, _, _) in joint.ROWS.items():

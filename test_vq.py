@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 import checkpoint
+import joint
+import report
 import sft
 import train
 import world
@@ -143,6 +145,34 @@ class TestManyTokenWorld(unittest.TestCase):
             self.assertTrue(os.path.exists(os.path.join(d, "eval_sft.json")))
             with open(os.path.join(d, "log.txt")) as f:
                 self.assertIn("VQ-VAE, 64 tokens an image", f.read())
+
+    def test_every_stage_in_the_64_token_world(self):
+        """A barely trained 64-token model draws nothing parseable: the joint study trains the rows
+        whose pairs need no drawing (world pairs, and real-vs-generated ones), leaves the on-policy rows
+        empty with the reason, and the run ends with a report that holds every study."""
+        with tempfile.TemporaryDirectory() as d:
+            train.main(["--stage", "all", "--tokenizer", "vq", "--vq_steps", "20", "--steps", "3", "--out_dir", d,
+                        "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--log_every", "1",
+                        "--eval_n", "4", "--device", "cpu", "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4",
+                        "--pref_seeds", "1", "--gen_pairs", "6", "--diag_every", "1", "--joint_steps", "2",
+                        "--joint_eval_n", "4", "--probe_steps", "2", "--probe_n", "4", "--self_prompts", "8",
+                        "--self_steps", "2"])
+            with open(os.path.join(d, "report.md")) as f:
+                text = f.read()
+            for section in ("## SFT", "## Preference optimisation for understanding",
+                            "## Preference optimisation for generation", "## Does understanding inform generation?"):
+                self.assertIn(section, text)
+            study = report.read_json(os.path.join(d, "study.json"))
+            for row in ("und DPO (world pairs)", "gen DPO (world pairs)", "joint naive sum (world pairs)"):
+                self.assertGreater(study["rows"][row][0]["rho"], 0, row)
+                self.assertEqual(len(study["rows"][row]), 1)
+            for row in joint.ROWS:   # every row trained, or left empty with the reason
+                self.assertNotEqual(row in study["rows"], row in study["empty_rows"], row)
+            for row, why in study["empty_rows"].items():   # left empty: said in the table's section, with the reason
+                self.assertEqual(joint.ROWS[row][2], "on")
+                self.assertIn("no on-policy generation pairs", why)
+                self.assertIn(row, text)
+            self.assertEqual(report.read_json(os.path.join(d, "eval_sft.json"))["n_per_task"], 4)
 
 if __name__ == "__main__":
     unittest.main()
