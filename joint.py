@@ -162,6 +162,9 @@ def build_world_pairs(tok, args, rng):
         if corrupted:
             made.append((e, altered, score, corrupted))
     codes = tok.encode(np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)])).tolist()
+    same = sum(codes[2 * i] == codes[2 * i + 1] for i in range(len(made)))
+    if same:   # (a tokenizer that hands back less than the scene: such a pair has no gradient)
+        log(args, f"gen pairs s{args.seed} | world | {same} of {len(made)} pairs have the same codes on both sides")
     return [GenPair(e, codes[2 * i], codes[2 * i + 1], corrupted, (1.0, score), "world")
             for i, (e, _, score, corrupted) in enumerate(made)]
 
@@ -352,7 +355,7 @@ def train_row(args, row, PU, PG, sft_path):
     seqs = evaluation.kl_sequences(tok, vocab, 200, args.eval_seed + 1)
     summary = {f"kl_{t}": evaluation.kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
     summary.update({k: float(np.mean([d[k] for d in diag])) for k in diag[0] if k != "step"})
-    summary["cos_step1"] = diag[0]["cos"]
+    summary["cos_step1"], summary["rho_step1"] = diag[0]["cos"], diag[0]["rho"]   # policy = reference
     # the last quarter of the run (for a task that is only measured: its measured steps in that quarter)
     for t in hist:
         end = [m for m in hist[t] if m["step"] > args.joint_steps * 3 // 4] or hist[t][-1:]

@@ -250,10 +250,11 @@ def record_stage(args, stage, seconds, argv=None, work=None):
     _save_run(args.out_dir, run)
 
 
-def finished_stage(args, stage):
+def finished_stage(args, stage, same_code=True):
     """For --resume: True if `stage` finished with these settings and this code and its outputs are
     still there (made from today's SFT model); False if it has to run. A stage that finished with
-    other settings or other code is refused: resuming would mix two runs in one report."""
+    other settings or other code is refused: resuming would mix two runs in one report. same_code=False
+    (the token-count study, whose models each carry their commit into its table): another commit is kept."""
     rec = _load_run(args.out_dir)["stages"].get(stage)
     if rec is None:
         return False
@@ -262,7 +263,7 @@ def finished_stage(args, stage):
     if diff:
         raise Refused(f"error: {where}: stage {stage} ran with other settings ({diff}); run without --resume "
                       f"or with another --out_dir")
-    if rec["commit"] != commit():
+    if same_code and rec["commit"] != commit():
         raise Refused(f"error: {where}: stage {stage} ran with the code at commit {rec['commit']}, this is "
                       f"{commit()}; run without --resume or with another --out_dir")
     if not all(os.path.exists(os.path.join(args.out_dir, f)) for f in STAGE_OUTPUTS[stage]):

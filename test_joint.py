@@ -73,7 +73,7 @@ class TestGenerationPairs(unittest.TestCase):
 
     def test_world_pairs_are_the_same_scenes_whatever_the_tokenizer(self):
         tok, vocab, model, args, _ = tiny_setup(n_pairs=4)
-        args = types.SimpleNamespace(**vars(args), gen_pairs=40)
+        args = types.SimpleNamespace(**vars(args), gen_pairs=40, out_dir=tempfile.mkdtemp())
         pairs = joint.build_world_pairs(tok, args, random.Random(7))
         self.assertEqual(len(pairs), 40)
         for p in pairs:

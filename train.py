@@ -39,6 +39,7 @@ import report
 import seeds
 import sft
 import tax
+import tokens
 import world
 from checkpoint import (auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
                         set_global_rng_state, writable)
@@ -63,7 +64,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--stage", default="all",
                     help="which stage(s) to run: 'all' runs every stage in order, then writes the report; or one of "
                          + ", ".join(STAGES) + ", or several, comma-separated ('sft,eval,pref'); 'tax' runs the "
-                         "alignment-tax sweep; 'report' rebuilds out_dir/report.md from the stages' outputs")
+                         "alignment-tax sweep; 'tokens' the token-count study (--token_fs, tokens.py); 'report' "
+                         "rebuilds out_dir/report.md from the stages' outputs")
 parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
                     help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
 parser.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
@@ -87,12 +89,15 @@ parser.add_argument("--tokenizer", default=None, choices=["patch", "vq"],
                     help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
                          "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
                          "default: the preset's (quick: patch, gpu: vq)")
-parser.add_argument("--vq_f", type=int, default=3, choices=[3, 4, 8],
+parser.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
                     help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
-                         "cells, 4 = 36, 8 = 9 (one a cell)")
+                         "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
 parser.add_argument("--vq_steps", type=int, default=2000, help="VQ-VAE training steps (1000 left 1.6-2.1%% of round trips inexact)")
 parser.add_argument("--vq_batch", type=int, default=64, help="fresh training renders per VQ-VAE step")
 parser.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE learning rate (AdamW, no weight decay)")
+parser.add_argument("--token_fs", default="8,4,3",
+                    help="stage tokens: the VQ-VAE factors to compare, comma-separated (8 = 9 tokens an image, "
+                         "4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
 parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
                     help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
                          "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
@@ -214,10 +219,10 @@ def resolve(args):
               "self_steps", "curve_n"):
         if getattr(args, k) <= 0:
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
-    if args.stage not in ("all", "tax", "report"):
+    if args.stage not in ("all", "tax", "report", "tokens"):
         unknown = [st for st in args.stage.split(",") if st not in STAGES]
         if unknown:
-            parser.error(f"--stage {args.stage}: unknown stage {unknown[0]!r}; choose all, tax, report, or from "
+            parser.error(f"--stage {args.stage}: unknown stage {unknown[0]!r}; choose all, tax, tokens, report, or from "
                          + ", ".join(STAGES))
     if args.sft_seeds < 1 or args.sft_weight < 0 or args.sft_mix < 0 or args.tax_bar < 0:
         parser.error(f"--sft_seeds must be >= 1 and --sft_weight, --sft_mix, --tax_bar >= 0, got "
@@ -236,13 +241,14 @@ def resolve(args):
     return args
 
 
-def run_stage(args, name, argv):
-    """One stage in args.out_dir; returns False if --resume kept it (it finished before, the same way).
-    Under torchrun every rank runs a data-parallel stage (rank 0 decides whether it is kept); the other
-    stages run on rank 0 alone, and run_stage is not called on the other ranks."""
+def run_stage(args, name, argv, keep=None, same_code=True):
+    """One stage in args.out_dir; returns False if --resume kept it (it finished before, the same way;
+    keep: whether a finished stage may be kept, by default with --resume of --stage all; same_code:
+    only if it ran at this commit). Under torchrun every rank runs a data-parallel stage (rank 0 decides
+    whether it is kept); the other stages run on rank 0 alone, and run_stage is not called on the other ranks."""
     everyone = name in dist.STAGES
-    if args.resume and args.stage == "all":
-        done = dist.is_main() and report.finished_stage(args, name)
+    if args.resume and args.stage == "all" if keep is None else keep:
+        done = dist.is_main() and report.finished_stage(args, name, same_code)
         if dist.gather(done)[0] if everyone else done:
             log(args, f"resume | stage {name} finished before with these settings: kept")
             return False
@@ -250,7 +256,8 @@ def run_stage(args, name, argv):
         report.begin_stage(args, name)
     a = copy.copy(args)
     # a resumed pipeline continues SFT from its last checkpoint, or starts it if it never began
-    a.resume = args.resume and (args.stage != "all" or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
+    a.resume = args.resume and (args.stage not in ("all", "tokens")
+                                or os.path.exists(os.path.join(args.out_dir, "sft.pt")))
     peak, before = sft.matmul_peak_flops(args.device, args.dtype, seconds=0.5), dict(model.WORK)   # this hour's peak: it drifts
     t = time.perf_counter()
     STAGES[name](a)
@@ -306,14 +313,17 @@ def main(argv=None):
         print(json.dumps(vars(args), indent=1))
     # one SFT model: everything in out_dir; N > 1: SFT model k (seed --seed + k) and its studies in out_dir/sft<k>
     runs = [args]
-    if args.sft_seeds > 1:
+    if args.sft_seeds > 1 and args.stage != "tokens":     # (the token-count study has its own directories)
         runs = [copy.copy(args) for _ in range(args.sft_seeds)]
         for k, a in enumerate(runs):
             a.seed, a.out_dir = args.seed + k, seeds.seed_dir(args.out_dir, k)
             writable(a.out_dir)
-    if args.stage in ("report", "tax"):
+    if args.stage in ("report", "tax", "tokens"):
         dist.close()                        # rank 0's alone: the other ranks leave at once
-    else:
+    if args.stage == "tokens":
+        if dist.is_main():
+            print(tokens.study(args, argv, run_stage))
+    elif args.stage not in ("report", "tax"):
         pipeline(args, runs, argv)
     if args.stage == "tax" and dist.is_main():
         for a in runs:
@@ -321,7 +331,7 @@ def main(argv=None):
             tax.sweep(a)
     if args.stage == "report" and len(runs) == 1 and dist.is_main():
         report.write(args.out_dir)
-    if len(runs) > 1 and args.stage != "tax" and dist.is_main():
+    if len(runs) > 1 and args.stage not in ("tax", "tokens") and dist.is_main():
         seeds.write(args.out_dir, args.sft_seeds)
     dist.close()
 

@@ -1,0 +1,71 @@
+"""
+Tests of the token-count study (tokens.py; stage `tokens` of train.py), CPU, tiny sizes.
+Run: python -m unittest test_tokens   (or: pytest test_tokens.py)
+"""
+import os
+import tempfile
+import unittest
+
+import numpy as np
+
+import report
+import tokens
+import train
+
+
+class TestFit(unittest.TestCase):
+
+    def test_the_exponent_of_an_exact_power_law(self):
+        # rho = 2 n^-0.5 for seed 0, 3 n^-0.7 for seed 1: pooled and per-seed exponents, the extrapolation
+        recs = [{"tokens": n, "sft_seed": s, "rho": c * n ** -a} for s, c, a in ((0, 2.0, 0.5), (1, 3.0, 0.7))
+                for n in (9, 36, 64)]
+        f = tokens.fit(recs)
+        self.assertAlmostEqual(f["per_seed"][0], 0.5)
+        self.assertAlmostEqual(f["per_seed"][1], 0.7)
+        self.assertTrue(0.5 < f["a"] < 0.7)
+        only0 = tokens.fit(recs[:3])
+        self.assertAlmostEqual(only0["at"][576], 2.0 * 576 ** -0.5)
+        self.assertIsNone(tokens.fit([r for r in recs if r["tokens"] == 9]))   # one token count: no fit
+
+    def test_token_counts_of_the_factors(self):
+        self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("8,4,3,2")], [9, 36, 64, 144])
+        for bad in ("5", "", "3,x", "1"):
+            with self.assertRaises(SystemExit):
+                tokens.factors(bad)
+
+
+class TestStudy(unittest.TestCase):
+
+    def test_two_token_counts_end_to_end_then_resume_keeps_them(self):
+        with tempfile.TemporaryDirectory() as d:
+            argv = ["--stage", "tokens", "--token_fs", "8,4", "--steps", "3", "--vq_steps", "20", "--out_dir", d,
+                    "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--log_every", "1",
+                    "--eval_n", "4", "--device", "cpu", "--pairs", "12", "--pref_batch", "4", "--gen_pairs", "6",
+                    "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4"]
+            train.main(argv)
+            out = report.read_json(os.path.join(d, "tokens.json"))
+            self.assertEqual([m["tokens"] for m in out["models"]], [9, 36])
+            for m in out["models"]:
+                self.assertTrue(np.isfinite(m["rho"]) and m["rho"] > 0)
+                self.assertTrue(-1 <= m["cos"] <= 1)
+            self.assertIsNotNone(out["fits"]["rho"])
+            with open(os.path.join(d, "tokens.md")) as f:
+                text = f.read()
+            self.assertIn("| 9 | 1 |", text)
+            self.assertIn("| 36 | 1 |", text)
+            # each model in its own directory, with its tokenizer's world
+            study = report.read_json(os.path.join(d, "tokens", "t36", "sft0", "study.json"))
+            self.assertEqual(study["config"]["vq_f"], 4)
+            self.assertTrue(set(tokens.WORLD_ROWS) <= set(study["rows"]))
+            # --resume keeps every finished stage: nothing is trained again
+            finished = {n: report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")) for n in ("t9", "t36")}
+            train.main(argv + ["--resume"])
+            for n, run in finished.items():
+                self.assertEqual(report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")), run)
+            # other settings are refused, not mixed into the study
+            with self.assertRaises(SystemExit):
+                train.main(argv + ["--resume", "--beta", "0.2"])
+
+
+if __name__ == "__main__":
+    unittest.main()

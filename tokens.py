@@ -1,0 +1,201 @@
+"""
+The token-count study (stage `tokens` of train.py): as an image takes more tokens, does the
+generation DPO gradient outgrow the understanding one, and does the generation DPO loss stay at
+ln 2? The diagnostic study of DPO for unified models (arXiv 2603.17044; Janus-Pro, 576 tokens an
+image) measured rho = |g_U| / |g_G| = 0.073-0.093 and attributed it to the token counts; it could
+not vary them. Here ONLY the tokenizer changes.
+
+    python train.py --stage tokens --sft_seeds 3                 # 9, 36, 64 tokens an image, 3 SFT models each
+    python train.py --stage tokens --sft_seeds 3 --resume        # continue it; finished stages are kept
+    python train.py --stage tokens --token_fs 8,4,3,2            # and 144 tokens (a GPU's work)
+
+For each VQ-VAE downsampling factor f of --token_fs (8, 4, 3 -> 9, 36, 64 tokens an image) and
+each SFT seed k: the tokenizer, SFT, eval and the joint study's rows in out_dir/tokens/t<n>/sft<k>,
+then the tables in out_dir/tokens.md and tokens.json (rewritten after every model, so a study
+carried over several sittings shows what it has).
+
+Held fixed at every token count: the model, the SFT recipe and steps, beta, the learning rates,
+and the pairs: the understanding pairs come from the world and the SFT model as in stage pref,
+and the generation pairs are WORLD pairs (joint.build_world_pairs: the true render of a training
+prompt's scene against the render of the same scene with one object changed), the same scenes
+and changes at every token count for a seed. They need no model that draws, so they carry the
+causal comparison. The on-policy rows (the SFT model's best and worst samples) are added where the
+SFT model draws (GenEval at T=0 >= DRAWS). What differs unavoidably: the image's sequence length,
+so a summed log-prob over more tokens; how much of the image one changed object touches; the
+tokenizer's own round trip; and how well each SFT model learns its world (reported beside it).
+One preference seed per SFT model: the spread is over SFT models.
+"""
+import copy
+import json
+import os
+
+import numpy as np
+
+import report
+import world
+from checkpoint import Refused, log, read_checkpoint, seed_everything, writable, write_atomic
+
+WORLD_ROWS = ("und DPO (world pairs)", "gen DPO (world pairs)", "joint naive sum (world pairs)")
+POLICY_ROWS = ("und DPO", "gen DPO", "joint naive sum")
+DRAWS = 0.5            # the SFT model's GenEval at T=0 from which the on-policy rows are added
+PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-Pro 7B / 1B, as the study reports
+
+
+def factors(text):
+    """'8,4,3' -> [8, 4, 3], each a VQ-VAE factor that divides the canvas."""
+    try:
+        fs = [int(x) for x in text.split(",")]
+    except ValueError:
+        fs = []
+    if not fs or any(f < 2 or world.CANVAS % f for f in fs):
+        raise Refused(f"error: --token_fs {text!r}: give VQ-VAE factors that divide the {world.CANVAS}-pixel canvas, "
+                      "comma-separated (8 = 9 tokens an image, 4 = 36, 3 = 64, 2 = 144)")
+    return fs
+
+
+def tokens_per_image(f):
+    return (world.CANVAS // f) ** 2
+
+
+def run_dir(out_dir, f, k):
+    return os.path.join(out_dir, "tokens", f"t{tokens_per_image(f)}", f"sft{k}")
+
+
+def study(args, argv, run_stage):
+    """Every (SFT seed, token count) in order, seed by seed; run_stage(args, name, argv, keep, same_code)
+    runs one stage of train.py's pipeline (keep: a stage that finished with these settings is kept,
+    even at another commit: each model's commit is in the table)."""
+    fs = factors(args.token_fs)
+    for k in range(args.sft_seeds):
+        for f in fs:
+            a = copy.copy(args)
+            a.tokenizer, a.vq_f, a.seed, a.out_dir = "vq", f, args.seed + k, run_dir(args.out_dir, f, k)
+            a.sft_seeds, a.token_fs, a.pref_seeds = 1, str(f), 1   # this model's own settings, whatever the study's size
+            writable(a.out_dir)
+            seed_everything(a.seed)
+            for name in ("tokenizer", "sft", "eval"):
+                run_stage(a, name, argv, keep=args.resume, same_code=False)
+            draws = report.read_json(os.path.join(a.out_dir, "eval_sft.json"))["generation"]["test T=0"]["overall"]
+            a.rows = ",".join(WORLD_ROWS + (POLICY_ROWS if draws >= DRAWS else ()))
+            run_stage(a, "joint", argv, keep=args.resume, same_code=False)
+            write(args.out_dir, fs, args.sft_seeds)
+            log(args, f"tokens | {tokens_per_image(f)} tokens an image, SFT seed {a.seed}: done")
+    return write(args.out_dir, fs, args.sft_seeds)
+
+
+# -----------------------------------------------------------------------------
+# the tables
+
+def model_record(d, n, k):
+    """One SFT model of the study (its directory d) -> the numbers of its row, or None if unfinished."""
+    if not os.path.exists(os.path.join(d, "study.json")):
+        return None
+    ev, st = (report.read_json(os.path.join(d, f)) for f in ("eval_sft.json", "study.json"))
+    run = report.read_json(os.path.join(d, "run.json"))["stages"]
+    rows = st["rows"]
+    sft, und, gen, joint = rows["SFT"][0], rows[WORLD_ROWS[0]][0], rows[WORLD_ROWS[1]][0], rows[WORLD_ROWS[2]][0]
+    tok = read_checkpoint(os.path.join(d, "tokenizer.pt"), "cpu", ("stats",), "tokenizer")["stats"]
+    r = {"tokens": n, "sft_seed": run["sft"]["seed"], "k": k, "commits": sorted({s["commit"] for s in run.values()}),
+         "roundtrip": tok["roundtrip_exact"], "answer_acc": ev["understanding"]["test"]["answer_acc"],
+         "geneval_T0": ev["generation"]["test T=0"]["overall"],
+         "bias_CHAIR_i": ev["understanding"]["bias"]["caption_CHAIR_i"],
+         "rho": joint["rho"], "rho_step1": joint["rho_step1"], "cos": joint["cos"],
+         "cos_within_und": joint["cos_within_und"], "cos_within_gen": joint["cos_within_gen"],
+         "w_U": joint["w_U"], "kl_gen": gen["kl_gen"], "kl_und": und["kl_und"],
+         "gen_dpo_loss_end": gen["dpo_loss_gen_end"], "und_dpo_loss_end": und["dpo_loss_und_end"],
+         "joint_gen_dpo_loss_end": joint["dpo_loss_gen_end"],
+         "geneval_change": gen["gen_overall"] - sft["gen_overall"],
+         "answer_acc_change": und["answer_acc"] - sft["answer_acc"],
+         "seconds": sum(s["seconds"] for s in run.values())}
+    if POLICY_ROWS[1] in rows:      # the on-policy rows, where the SFT model draws
+        on = rows[POLICY_ROWS[1]][0]
+        r.update(onpolicy_gen_dpo_loss_end=on["dpo_loss_gen_end"],
+                 onpolicy_geneval_change=on["gen_overall"] - sft["gen_overall"],
+                 onpolicy_rho=rows[POLICY_ROWS[2]][0]["rho"] if POLICY_ROWS[2] in rows else None)
+    return r
+
+
+def fit(records, key="rho"):
+    """log rho = c - a log n by least squares: over all models pooled, and for each SFT seed that has
+    two token counts or more. Returns {'a', 'c', 'per_seed': {seed: a}, 'at': {n: rho predicted}}."""
+    pts = [(r["tokens"], r[key]) for r in records]
+    if len({n for n, _ in pts}) < 2:
+        return None
+    slope, c = np.polyfit(np.log([n for n, _ in pts]), np.log([v for _, v in pts]), 1)
+    per_seed = {}
+    for s in sorted({r["sft_seed"] for r in records}):
+        mine = [r for r in records if r["sft_seed"] == s]
+        if len({r["tokens"] for r in mine}) >= 2:
+            per_seed[s] = float(-np.polyfit(np.log([r["tokens"] for r in mine]), np.log([r[key] for r in mine]), 1)[0])
+    at = {n: float(np.exp(c) * n ** slope) for n in (9, 36, 64, 144, PAPER["tokens"])}
+    return {"a": float(-slope), "c": float(c), "per_seed": per_seed, "at": at}
+
+
+COLS = [("SFT models", None), ("round trip", "roundtrip"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
+        ("bias CHAIR_i", "bias_CHAIR_i"), ("rho", "rho"), ("rho, step 1", "rho_step1"), ("cos", "cos"),
+        ("cos within und", "cos_within_und"), ("cos within gen", "cos_within_gen"),
+        ("gen DPO loss, end", "gen_dpo_loss_end"), ("GenEval change", "geneval_change"),
+        ("answer acc change", "answer_acc_change"), ("KL/token gen", "kl_gen")]
+
+
+def _cell(vals):
+    v = np.array([x for x in vals if x is not None], dtype=float)
+    return "-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
+
+
+def markdown(records, fits, header):
+    by_n = {}
+    for r in sorted(records, key=lambda r: (r["tokens"], r["sft_seed"])):
+        by_n.setdefault(r["tokens"], []).append(r)
+    lines = ["# The token-count study", "", header, "",
+             "Per token count, mean ± std over its SFT models. rho = |g_U| / |g_G| and cos, the understanding and "
+             "generation DPO gradients of the naive joint sum on world pairs (means over its measured steps; "
+             "'step 1': before any update, policy = reference); cos within = two halves of one batch of a task; "
+             "gen DPO loss, end = the generation-only row's plain DPO loss over its last quarter (ln 2 = 0.693 at "
+             "the start); GenEval change (T=1) after generation DPO, answer acc change after understanding DPO, "
+             "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly.", "",
+             "| tokens an image | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
+    for n, rs in by_n.items():
+        lines.append(f"| {n} | " + " | ".join(str(len(rs)) if key is None else _cell(r[key] for r in rs)
+                                              for _, key in COLS) + " |")
+    for key, f in fits.items():
+        if f is None:
+            continue
+        seeds = list(f["per_seed"].values())
+        spread = (f"; per SFT seed {', '.join(f'{a:.2f}' for a in seeds)} (mean {np.mean(seeds):.2f} ± "
+                  f"{np.std(seeds, ddof=1):.2f})" if len(seeds) > 1 else
+                  f"; one SFT seed with several token counts: {seeds[0]:.2f}" if seeds else "")
+        lines += ["", f"Fit of {key} ~ tokens^-a over all models: a = {f['a']:.2f}{spread}. Extrapolated (beyond the "
+                      f"measured range, an extrapolation only) to {PAPER['tokens']} tokens: {key} = "
+                      f"{f['at'][PAPER['tokens']]:.3f}; the study measured {PAPER['rho'][0]}-{PAPER['rho'][1]} at "
+                      f"{PAPER['tokens']} (Janus-Pro 7B and 1B)."]
+    lines += ["", "Each SFT model:", "",
+              "| tokens | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO loss, end "
+              "| on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 7)]
+    for n, rs in by_n.items():
+        for r in rs:
+            on = [r.get(k) for k in ("onpolicy_gen_dpo_loss_end", "onpolicy_geneval_change", "onpolicy_rho")]
+            lines.append(f"| {n} | {r['sft_seed']} | {', '.join(r['commits'])} | "
+                         + " | ".join(f"{r[k]:.3f}" for _, k in COLS if k) + " | "
+                         + " | ".join("-" if v is None else f"{v:.3f}" for v in on)
+                         + f" | {report.duration(r['seconds'])} |")
+    lines += ["", f"On-policy rows run where the SFT model's GenEval at T=0 is >= {DRAWS} ('-': it does not draw)."]
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir, fs, n_seeds):
+    """out_dir/tokens.md and tokens.json from every finished model of the study."""
+    records = [r for k in range(n_seeds) for f in fs
+               if (r := model_record(run_dir(out_dir, f, k), tokens_per_image(f), k)) is not None]
+    if not records:
+        raise Refused(f"error: no finished model of the token-count study under {os.path.join(out_dir, 'tokens')}; "
+                      "run `python train.py --stage tokens` first")
+    fits = {"rho": fit(records), "rho_step1": fit(records, "rho_step1")}
+    first = report.read_json(os.path.join(run_dir(out_dir, fs[0], 0), "run.json"))["stages"]
+    rec = first.get("sft") or next(iter(first.values()))
+    header = (f"`{rec['command']}` | device: {rec['device']} | preset `{rec['preset']}`, dtype {rec['dtype']} | "
+              f"{len(records)} SFT models: " + ", ".join(f"{r['tokens']} tokens seed {r['sft_seed']}" for r in records))
+    md = markdown(records, fits, header)
+    write_atomic(os.path.join(out_dir, "tokens.md"), md)
+    write_atomic(os.path.join(out_dir, "tokens.json"), json.dumps({"models": records, "fits": fits}, indent=1))
+    return md
