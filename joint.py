@@ -185,14 +185,16 @@ def gen_preference_data(args, sft_path, kinds=("on", "real", "world")):
     ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
     rng = random.Random(args.seed)
-    sampled = [k for k in kinds if k != "world"]
-    built = build_gen_pairs(ref, tok, vocab, args, rng, sampled) if sampled else {}
+    # both sampled kinds or neither: the pairs of a kind do not depend on which rows are wanted
+    sampled = ("on", "real") if {"on", "real"} & set(kinds) else ()
+    built = {k: v for k, v in build_gen_pairs(ref, tok, vocab, args, rng, sampled).items() if k in kinds} if sampled else {}
     if "world" in kinds:   # (after the sampled kinds, whose random stream it leaves as it was)
         built["world"] = build_world_pairs(tok, args, random.Random(f"{args.seed}/world"))
     out, missing = {}, {}
     for kind, pairs in built.items():
-        if not pairs:
-            missing[kind] = (f"no {KIND_NAMES[kind]} generation pairs at temperature {args.gen_temperature:g}: the SFT model's "
+        if len(pairs) < args.pref_batch:    # (a row trains on batches of --pref_batch pairs)
+            missing[kind] = (f"{len(pairs)} {KIND_NAMES[kind]} generation pairs at temperature {args.gen_temperature:g}, "
+                             f"fewer than a batch: the SFT model's "
                              + ("drawings of a prompt all scored the same" if kind == "on" else "drawings were never wrong"))
             log(args, f"gen pairs s{args.seed} | {kind} | none: {missing[kind]}")
             continue
@@ -429,17 +431,18 @@ def study(args):
     speed = evaluation.kv_cache_speedup(model, tok, vocab, args)
     log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
                     f"{speed['uncached_s']:.2f} s uncached: {speed['speedup']:.1f}x")
-    rows, curves, empty = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}, {}
+    rows, curves, empty, pair_counts = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}, {}, {}
     kinds = tuple(k for k in ("on", "real", "world") if any(ROWS[r][2] == k for r in rows_wanted))
     for seed in [args.seed + i for i in range(args.pref_seeds)]:
         a = copy.copy(args)
         a.seed = seed
         PU = pref.preference_data(a, sft)
         PG, missing = gen_preference_data(a, sft, kinds)
+        pair_counts[seed] = {k: len(P["pairs"]) for k, P in PG.items()}
         trained, evals = {}, {}
         for row in rows_wanted:
             if ROWS[row][2] in missing:
-                empty.setdefault(row, f"s{seed}: {missing[ROWS[row][2]]}")
+                empty.setdefault(row, {})[seed] = missing[ROWS[row][2]]
                 log(args, f"joint {row} s{seed} | left empty: {missing[ROWS[row][2]]}")
                 continue
             t = time.perf_counter()
@@ -465,6 +468,7 @@ def study(args):
             f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
     trained = {k: v for k, v in rows.items() if k in ROWS}
+    empty_in = {s for e in empty.values() for s in e}
     md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
           "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "
           "and are held out); answer accuracy on test scenes; CHAIR_i, Cover and POPE adversarial F1 on "
@@ -472,10 +476,13 @@ def study(args):
           "real vs generated (the true render against the worst sample), world pairs (the true render against "
           "the render of the same scene with one object changed: no model needed). The soups interpolate the "
           "weights of the und DPO and gen DPO models of the same seed (lambda = the und DPO model's weight); "
-          "the oracle takes understanding from the first and generation from the second.\n\n"
+          "the oracle takes understanding from the first and generation from the second. Generation pairs built: "
+          + "; ".join(f"s{s}: " + ", ".join(f"{n} {KIND_NAMES[k]}" for k, n in c.items()) for s, c in pair_counts.items())
+          + ".\n\n"
           + report.seed_table(rows, OUTCOME_COLS)
-          + "".join(f"\nLeft empty ({why}): " + ", ".join(r for r in empty if empty[r] == why) + ".\n"
-                    for why in dict.fromkeys(empty.values()))
+          + "".join(f"\nLeft empty in seed {s} ({why}): " + ", ".join(r for r in empty if empty[r].get(s) == why)
+                    + (". Its rows above are means over the other seeds" if len(empty_in) < args.pref_seeds else "")
+                    + ".\n" for s, why in sorted({(s, w) for e in empty.values() for s, w in e.items()}))
           + "\nDiagnostics, means over the measured steps: cos = cosine of the understanding and generation "
             "gradients over all (shared) parameters at the full batch; cos_half = the same between half batches, "
             "to be read against the within-task controls cos_within_* (two halves of one batch); rho = "
@@ -486,7 +493,8 @@ def study(args):
           + "\nCosine per layer:\n\n" + report.seed_table(trained, layer_cols))
     write_atomic(os.path.join(args.out_dir, "study.md"), md)
     write_atomic(os.path.join(args.out_dir, "study.json"), json.dumps(
-        {"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "empty_rows": empty, "kv_cache": speed,
+        {"sft_digest": file_digest(sft), "rows": rows, "curves": curves, "empty_rows": empty, "pairs": pair_counts,
+         "kv_cache": speed,
          "seconds": time.perf_counter() - t0, "config": vars(args)}, indent=1))
     print(md)
     return rows

@@ -281,6 +281,8 @@ def train_sft(args):
     # the learning curve (--curve_every): its points up to the step this run starts from
     curve_path = os.path.join(args.out_dir, "sft_curve.json")
     curve = [p for p in (read_json_list(curve_path) if step else []) if p["step"] <= step]
+    if not step and os.path.exists(curve_path) and dist.is_main():
+        os.remove(curve_path)       # a fresh run: another run's curve must not be continued
 
     model.train()
     t_log, tokens, t_start = time.perf_counter(), 0, time.perf_counter()
@@ -313,11 +315,12 @@ def train_sft(args):
                       f"{tokens / dt:.0f} tok/s | {100 * mfu:.1f}% of the matmul peak")
             t_log, tokens = time.perf_counter(), 0
         if args.curve_every and (step % args.curve_every == 0 or step == args.steps) and dist.is_main():
+            t_eval = time.perf_counter()
             curve.append(curve_point(model, tok, vocab, args, step))
             write_atomic(curve_path, json.dumps(curve, indent=1))
             log(args, f"sft curve | step {step} | " + " | ".join(f"{k} {v:.3f}" for k, v in curve[-1].items()
                                                                  if k != "step"))
-            t_log = time.perf_counter()      # (the evaluation is not the steps' time)
+            t_log += time.perf_counter() - t_eval      # (the evaluation is not the steps' time)
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint()
     bar.close()

@@ -55,7 +55,7 @@ class TestStudy(unittest.TestCase):
             self.assertIn("| 36 | 1 |", text)
             # each model in its own directory, with its tokenizer's world
             study = report.read_json(os.path.join(d, "tokens", "t36", "sft0", "study.json"))
-            self.assertEqual(study["config"]["vq_f"], 4)
+            self.assertEqual((study["config"]["vq_f"], study["config"]["n_codes"]), (4, 256))
             self.assertTrue(set(tokens.WORLD_ROWS) <= set(study["rows"]))
             # --resume keeps every finished stage: nothing is trained again
             finished = {n: report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")) for n in ("t9", "t36")}

@@ -170,8 +170,10 @@ class TestManyTokenWorld(unittest.TestCase):
                 self.assertNotEqual(row in study["rows"], row in study["empty_rows"], row)
             for row, why in study["empty_rows"].items():   # left empty: said in the table's section, with the reason
                 self.assertEqual(joint.ROWS[row][2], "on")
-                self.assertIn("no on-policy generation pairs", why)
+                self.assertIn("on-policy generation pairs at temperature 1, fewer than a batch", why["0"])
                 self.assertIn(row, text)
+                self.assertIn("Left empty in seed 0", text)
+            self.assertEqual(study["pairs"]["0"]["world"], 6)
             self.assertEqual(report.read_json(os.path.join(d, "eval_sft.json"))["n_per_task"], 4)
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import numpy as np
 
 import report
 import world
-from checkpoint import Refused, log, read_checkpoint, seed_everything, writable, write_atomic
+from checkpoint import Refused, file_digest, log, read_checkpoint, seed_everything, writable, write_atomic
 
 WORLD_ROWS = ("und DPO (world pairs)", "gen DPO (world pairs)", "joint naive sum (world pairs)")
 POLICY_ROWS = ("und DPO", "gen DPO", "joint naive sum")
@@ -70,6 +70,7 @@ def study(args, argv, run_stage):
         for f in fs:
             a = copy.copy(args)
             a.tokenizer, a.vq_f, a.seed, a.out_dir = "vq", f, args.seed + k, run_dir(args.out_dir, f, k)
+            a.n_codes = args.n_codes or 256                        # the VQ-VAE's default codebook
             a.sft_seeds, a.token_fs, a.pref_seeds = 1, str(f), 1   # this model's own settings, whatever the study's size
             writable(a.out_dir)
             seed_everything(a.seed)
@@ -87,11 +88,16 @@ def study(args, argv, run_stage):
 # the tables
 
 def model_record(d, n, k):
-    """One SFT model of the study (its directory d) -> the numbers of its row, or None if unfinished."""
-    if not os.path.exists(os.path.join(d, "study.json")):
+    """One SFT model of the study (its directory d) -> the numbers of its row, or None unless its joint
+    stage finished, from the SFT model in d, as did its eval (a rerun may leave an older run's files)."""
+    paths = {f: os.path.join(d, f) for f in ("eval_sft.json", "study.json", "run.json", "sft.pt")}
+    if not all(os.path.exists(p) for p in paths.values()):
         return None
-    ev, st = (report.read_json(os.path.join(d, f)) for f in ("eval_sft.json", "study.json"))
-    run = report.read_json(os.path.join(d, "run.json"))["stages"]
+    ev, st = (report.read_json(paths[f]) for f in ("eval_sft.json", "study.json"))
+    run = report.read_json(paths["run.json"])["stages"]
+    digest = file_digest(paths["sft.pt"])
+    if not {"sft", "joint"} <= set(run) or {run["joint"]["sft_digest"], st["sft_digest"], ev["digest"]} != {digest}:
+        return None
     rows = st["rows"]
     sft, und, gen, joint = rows["SFT"][0], rows[WORLD_ROWS[0]][0], rows[WORLD_ROWS[1]][0], rows[WORLD_ROWS[2]][0]
     tok = read_checkpoint(os.path.join(d, "tokenizer.pt"), "cpu", ("stats",), "tokenizer")["stats"]

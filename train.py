@@ -41,7 +41,7 @@ import sft
 import tax
 import tokens
 import world
-from checkpoint import (auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
+from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
                         set_global_rng_state, writable)
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
@@ -85,10 +85,10 @@ parser.add_argument("--cooc", type=float, default=world.COOC,
 parser.add_argument("--caption_noise", type=float, default=1.0,
                     help="fraction of bias-breaking training captions that mention the absent companion")
 # tokenizer
-parser.add_argument("--tokenizer", default=None, choices=["patch", "vq"],
+parser.add_argument("--tokenizer", default="patch", choices=["patch", "vq"],
                     help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
                          "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
-                         "default: the preset's (quick: patch, gpu: vq)")
+                         "every preset defaults to patch: no model has yet been shown to draw at 64 tokens (FINDINGS.md)")
 parser.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
                     help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
                          "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
@@ -204,9 +204,7 @@ def resolve(args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.tokenizer is None:
-        args.tokenizer = "vq" if args.preset == "gpu" else "patch"
-    if args.n_codes is None:
+    if args.n_codes is None and args.stage != "tokens":   # (the token-count study's worlds are all VQ-VAE ones)
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
@@ -217,7 +215,7 @@ def resolve(args):
               "pairs", "pref_steps", "pref_batch", "pref_ckpt_every", "pref_seeds", "beta", "pref_lr", "joint_lr", "tax_seeds", "gen_pairs", "gen_k",
               "joint_steps", "joint_eval_n", "diag_every", "probe_steps", "probe_lr", "probe_n", "self_prompts",
               "self_steps", "curve_n"):
-        if getattr(args, k) <= 0:
+        if getattr(args, k) is not None and getattr(args, k) <= 0:   # (None: --n_codes of stage tokens, its worlds')
             parser.error(f"--{k} must be positive, got {getattr(args, k)}")
     if args.stage not in ("all", "tax", "report", "tokens"):
         unknown = [st for st in args.stage.split(",") if st not in STAGES]
@@ -321,6 +319,9 @@ def main(argv=None):
     if args.stage in ("report", "tax", "tokens"):
         dist.close()                        # rank 0's alone: the other ranks leave at once
     if args.stage == "tokens":
+        if dist.WORLD > 1:
+            raise Refused("error: --stage tokens runs in one process (its SFT models are trained one by one); "
+                          "run it with plain python, not torchrun")
         if dist.is_main():
             print(tokens.study(args, argv, run_stage))
     elif args.stage not in ("report", "tax"):
