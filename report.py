@@ -181,7 +181,19 @@ def curves(path, pref_curves, joint_curves):
 # the run's report
 
 def commit():
-    """The code's git commit, marked when tracked files differ from it; 'unknown' outside git."""
+    """The git commit of the code this process runs, marked when tracked files differed from it; read
+    once, at the first call (train.py makes it at start-up): a commit made while a long run goes on
+    is not the code that run is running. 'unknown' outside git."""
+    global _COMMIT
+    if _COMMIT is None:
+        _COMMIT = _read_commit()
+    return _COMMIT
+
+
+_COMMIT = None
+
+
+def _read_commit():
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,

@@ -305,6 +305,7 @@ def pipeline(args, runs, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = resolve(parser.parse_args(argv))
+    report.commit()                         # the code this run runs: read now, not when a stage ends
     writable(args.out_dir)
     seed_everything(args.seed)
     if dist.is_main():
