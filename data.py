@@ -294,7 +294,7 @@ def alter_scene(rng, scene, tries=100):
     """The scene with ONE object changed: its colour, its shape, or its cell (the jitter kept); never
     into a held-out colour+shape combination, onto another object's cell, or into the test bucket, so
     the altered scene is as much a training scene as the original. None if `tries` draws fail. The
-    rejected image of a generation pair built from the world (joint.build_world_pairs)."""
+    rejected image of a generation pair built from the world (genpairs.build_world_pairs)."""
     for _ in range(tries):
         i = rng.randrange(len(scene))
         o = scene[i]

@@ -14,6 +14,7 @@ import torch
 
 import checkpoint
 import data
+import genpairs
 import joint
 import pref
 import world
@@ -48,14 +49,14 @@ class TestGenerationPairs(unittest.TestCase):
             a, b = e.scene
             half = (world.Obj(a.colour, a.shape, a.cell),)                       # one of two objects: 0.5
             imgs = [empty_image(), world.render(half), world.render(e.scene), world.render(half)]
-            best, worst, scores = joint.rank_samples(e, imgs)
+            best, worst, scores = genpairs.rank_samples(e, imgs)
             self.assertEqual((best, worst), (2, 0))
             self.assertEqual(scores, [0.0, 0.5, 1.0, 0.5])
 
     def test_built_pairs_prefer_the_higher_score(self):
         tok, vocab, model, args, _ = tiny_setup(n_pairs=4)
         args = types.SimpleNamespace(**vars(args), gen_k=4, gen_pairs=12, gen_temperature=1.0, cfg_scale=2.0)
-        pairs = joint.build_gen_pairs(model, tok, vocab, args, random.Random(0))
+        pairs = genpairs.build_gen_pairs(model, tok, vocab, args, random.Random(0))
         self.assertEqual(len(pairs["real"]), 12)
         self.assertGreater(len(pairs["on"]), 0)
         for p in pairs["on"]:
@@ -74,7 +75,7 @@ class TestGenerationPairs(unittest.TestCase):
     def test_world_pairs_are_the_same_scenes_whatever_the_tokenizer(self):
         tok, vocab, model, args, _ = tiny_setup(n_pairs=4)
         args = types.SimpleNamespace(**vars(args), gen_pairs=40, out_dir=tempfile.mkdtemp())
-        pairs = joint.build_world_pairs(tok, args, random.Random(7))
+        pairs = genpairs.build_world_pairs(tok, args, random.Random(7))
         self.assertEqual(len(pairs), 40)
         for p in pairs:
             self.assertEqual(p.chosen, tok.encode(world.render(p.example.scene)[None])[0].tolist())
@@ -90,7 +91,7 @@ class TestGenerationPairs(unittest.TestCase):
             self.assertEqual(p.source, "world")
         # another tokenizer (a VQ-VAE, 36 tokens an image): the same prompts, changes and scores
         vq = VQVAE(16, 4, world.CANVAS).eval()
-        again = joint.build_world_pairs(vq, args, random.Random(7))
+        again = genpairs.build_world_pairs(vq, args, random.Random(7))
         self.assertEqual([(p.example, p.corrupted, p.scores) for p in again],
                          [(p.example, p.corrupted, p.scores) for p in pairs])
         self.assertEqual({len(p.chosen) for p in again}, {36})
@@ -198,7 +199,7 @@ class TestJointTraining(unittest.TestCase):
         for i in range(8):   # chosen = the true image, rejected = an empty canvas
             e = data.gen_example(rng, "train", data.GEN_TASKS[i % len(data.GEN_TASKS)])
             codes = tok.encode(np.stack([world.render(e.scene), empty_image()])).tolist()
-            pairs.append(joint.GenPair(e, codes[0], codes[1], data.corrupt_prompt(rng, e.question),
+            pairs.append(genpairs.GenPair(e, codes[0], codes[1], data.corrupt_prompt(rng, e.question),
                                        (1.0, world.prompt_score(e, ())), "real"))
         with tempfile.TemporaryDirectory() as d:
             sft = os.path.join(d, "sft.pt")
@@ -206,7 +207,7 @@ class TestJointTraining(unittest.TestCase):
                         "patch": tok.patch, "tokenizer": tok.state_dict()}, sft)
             args = types.SimpleNamespace(**vars(args), out_dir=d, joint_lr=1e-3, pref_batch=4, joint_steps=2,
                                          gen_beta=None, diag_every=1, log_every=1, eval_seed=0)
-            P = joint.gen_pair_data(model, vocab, pairs, args)
+            P = genpairs.gen_pair_data(model, vocab, pairs, args)
             PG = {"on": P, "real": P, "world": P}
             self.assertEqual(tuple(P["ref_1"].shape), (8, 3))
             before = torch.cat([p.flatten() for p in model.parameters()])

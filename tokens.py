@@ -16,7 +16,7 @@ carried over several sittings shows what it has).
 
 Held fixed at every token count: the model, the SFT recipe and steps, beta, the learning rates,
 and the pairs: the understanding pairs come from the world and the SFT model as in stage pref,
-and the generation pairs are WORLD pairs (joint.build_world_pairs: the true render of a training
+and the generation pairs are WORLD pairs (genpairs.build_world_pairs: the true render of a training
 prompt's scene against the render of the same scene with one object changed), the same scenes
 and changes at every token count for a seed. They need no model that draws, so they carry the
 causal comparison. The on-policy rows (the SFT model's best and worst samples) are added where the
