@@ -28,8 +28,8 @@ class TestFit(unittest.TestCase):
         self.assertIsNone(tokens.fit([r for r in recs if r["tokens"] == 9]))   # one token count: no fit
 
     def test_token_counts_of_the_factors(self):
-        self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("8,4,3,2")], [9, 36, 64, 144])
-        for bad in ("5", "", "3,x", "1"):
+        self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,4,3,2")], [9, 9, 36, 64, 144])
+        for bad in ("5", "", "3,x", "1", "vq"):
             with self.assertRaises(SystemExit):
                 tokens.factors(bad)
 
@@ -38,7 +38,7 @@ class TestStudy(unittest.TestCase):
 
     def test_two_token_counts_end_to_end_then_resume_keeps_them(self):
         with tempfile.TemporaryDirectory() as d:
-            argv = ["--stage", "tokens", "--token_fs", "8,4", "--steps", "3", "--vq_steps", "20", "--out_dir", d,
+            argv = ["--stage", "tokens", "--token_fs", "patch,4", "--steps", "3", "--vq_steps", "20", "--out_dir", d,
                     "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8", "--log_every", "1",
                     "--eval_n", "4", "--device", "cpu", "--pairs", "12", "--pref_batch", "4", "--gen_pairs", "6",
                     "--diag_every", "1", "--joint_steps", "2", "--joint_eval_n", "4"]
@@ -57,6 +57,8 @@ class TestStudy(unittest.TestCase):
             study = report.read_json(os.path.join(d, "tokens", "t36", "sft0", "study.json"))
             self.assertEqual((study["config"]["vq_f"], study["config"]["n_codes"]), (4, 256))
             self.assertTrue(set(tokens.WORLD_ROWS) <= set(study["rows"]))
+            nine = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "study.json"))["config"]
+            self.assertEqual((nine["tokenizer"], nine["patch"], nine["n_codes"]), ("patch", 8, 512))
             # --resume keeps every finished stage: nothing is trained again
             finished = {n: report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")) for n in ("t9", "t36")}
             train.main(argv + ["--resume"])

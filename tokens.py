@@ -7,10 +7,10 @@ not vary them. Here ONLY the tokenizer changes.
 
     python train.py --stage tokens --sft_seeds 3                 # 9, 36, 64 tokens an image, 3 SFT models each
     python train.py --stage tokens --sft_seeds 3 --resume        # continue it; finished stages are kept
-    python train.py --stage tokens --token_fs 8,4,3,2            # and 144 tokens (a GPU's work)
+    python train.py --stage tokens --token_fs patch,4,3,2        # and 144 tokens (a GPU's work)
 
-For each VQ-VAE downsampling factor f of --token_fs (8, 4, 3 -> 9, 36, 64 tokens an image) and
-each SFT seed k: the tokenizer, SFT, eval and the joint study's rows in out_dir/tokens/t<n>/sft<k>,
+For each tokenizer of --token_fs (patch, 4, 3 -> 9, 36, 64 tokens an image: the k-means patch
+tokenizer, one token a cell, then VQ-VAEs of downsampling factor 4 and 3) and each SFT seed k: the tokenizer, SFT, eval and the joint study's rows in out_dir/tokens/t<n>/sft<k>,
 then the tables in out_dir/tokens.md and tokens.json (rewritten after every model, so a study
 carried over several sittings shows what it has).
 
@@ -23,6 +23,9 @@ causal comparison. The on-policy rows (the SFT model's best and worst samples) a
 SFT model draws (GenEval at T=0 >= DRAWS). What differs unavoidably: the image's sequence length,
 so a summed log-prob over more tokens; how much of the image one changed object touches; the
 tokenizer's own round trip; and how well each SFT model learns its world (reported beside it).
+At 9 tokens the tokenizer is the patch one (512 k-means codes, lossless): the VQ-VAE at factor 8
+(one 8x8-pixel token a cell) collapsed to one code in use (FINDINGS.md), so the 9-token row
+differs from the others in the tokenizer's kind and codebook too.
 One preference seed per SFT model: the spread is over SFT models.
 """
 import copy
@@ -42,19 +45,20 @@ PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-
 
 
 def factors(text):
-    """'8,4,3' -> [8, 4, 3], each a VQ-VAE factor that divides the canvas."""
+    """'patch,4,3' -> ['patch', 4, 3]: 'patch' = the k-means patch tokenizer (9 tokens an image), a
+    number = a VQ-VAE factor that divides the canvas."""
     try:
-        fs = [int(x) for x in text.split(",")]
+        fs = [x if x == "patch" else int(x) for x in text.split(",")]
     except ValueError:
         fs = []
-    if not fs or any(f < 2 or world.CANVAS % f for f in fs):
-        raise Refused(f"error: --token_fs {text!r}: give VQ-VAE factors that divide the {world.CANVAS}-pixel canvas, "
-                      "comma-separated (8 = 9 tokens an image, 4 = 36, 3 = 64, 2 = 144)")
+    if not fs or any(f != "patch" and (f < 2 or world.CANVAS % f) for f in fs):
+        raise Refused(f"error: --token_fs {text!r}: give 'patch' or VQ-VAE factors that divide the {world.CANVAS}-pixel "
+                      "canvas, comma-separated (patch = 9 tokens an image, 4 = 36, 3 = 64, 2 = 144)")
     return fs
 
 
 def tokens_per_image(f):
-    return (world.CANVAS // f) ** 2
+    return 9 if f == "patch" else (world.CANVAS // f) ** 2
 
 
 def run_dir(out_dir, f, k):
@@ -69,8 +73,11 @@ def study(args, argv, run_stage):
     for k in range(args.sft_seeds):
         for f in fs:
             a = copy.copy(args)
-            a.tokenizer, a.vq_f, a.seed, a.out_dir = "vq", f, args.seed + k, run_dir(args.out_dir, f, k)
-            a.n_codes = args.n_codes or 256                        # the VQ-VAE's default codebook
+            a.seed, a.out_dir = args.seed + k, run_dir(args.out_dir, f, k)
+            if f == "patch":        # one token a cell, k-means codes: the default world
+                a.tokenizer, a.patch, a.n_codes = "patch", 8, args.n_codes or 512
+            else:                   # the VQ-VAE's default codebook
+                a.tokenizer, a.vq_f, a.n_codes = "vq", f, args.n_codes or 256
             a.sft_seeds, a.token_fs, a.pref_seeds = 1, str(f), 1   # this model's own settings, whatever the study's size
             writable(a.out_dir)
             seed_everything(a.seed)

@@ -95,9 +95,9 @@ parser.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
 parser.add_argument("--vq_steps", type=int, default=2000, help="VQ-VAE training steps (1000 left 1.6-2.1%% of round trips inexact)")
 parser.add_argument("--vq_batch", type=int, default=64, help="fresh training renders per VQ-VAE step")
 parser.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE learning rate (AdamW, no weight decay)")
-parser.add_argument("--token_fs", default="8,4,3",
-                    help="stage tokens: the VQ-VAE factors to compare, comma-separated (8 = 9 tokens an image, "
-                         "4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
+parser.add_argument("--token_fs", default="patch,4,3",
+                    help="stage tokens: the tokenizers to compare, comma-separated: 'patch' (9 tokens an image) or "
+                         "a VQ-VAE factor (4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
 parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
                     help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
                          "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
