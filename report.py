@@ -271,7 +271,8 @@ def finished_stage(args, stage, same_code=True):
     if rec is None:
         return False
     where = os.path.join(args.out_dir, "run.json")
-    diff = differences(rec.get("settings", {}), settings(args))
+    # (where the outputs live is not how they were made: a run moved to another directory resumes)
+    diff = differences(*({k: v for k, v in s.items() if k != "out_dir"} for s in (rec.get("settings", {}), settings(args))))
     if diff:
         raise Refused(f"error: {where}: stage {stage} ran with other settings ({diff}); run without --resume "
                       f"or with another --out_dir")

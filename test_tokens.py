@@ -3,6 +3,7 @@ Tests of the token-count study (tokens.py; stage `tokens` of train.py), CPU, tin
 Run: python -m unittest test_tokens   (or: pytest test_tokens.py)
 """
 import os
+import shutil
 import tempfile
 import unittest
 
@@ -64,6 +65,13 @@ class TestStudy(unittest.TestCase):
             train.main(argv + ["--resume"])
             for n, run in finished.items():
                 self.assertEqual(report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")), run)
+            # a study moved to another directory resumes there: nothing is trained again
+            moved = os.path.join(d, "moved")
+            shutil.copytree(os.path.join(d, "tokens"), os.path.join(moved, "tokens"))
+            train.main([*argv[:argv.index("--out_dir")], "--out_dir", moved, *argv[argv.index("--out_dir") + 2:], "--resume"])
+            for n, run in finished.items():
+                self.assertEqual(report.read_json(os.path.join(moved, "tokens", n, "sft0", "run.json")), run)
+            self.assertEqual(report.read_json(os.path.join(moved, "tokens.json"))["models"][1]["rho"], out["models"][1]["rho"])
             # other settings are refused, not mixed into the study
             with self.assertRaises(SystemExit):
                 train.main(argv + ["--resume", "--beta", "0.2"])
