@@ -41,13 +41,14 @@ def seed_table(rows, cols, value=lambda r, c: r.get(c), heads=None, first="row")
     value(result, col) over the seeds that measured it (None = not measured, shown as '-')."""
     lines = [f"| {first} | " + " | ".join(heads or cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, rs in rows.items():
-        cells = []
-        for c in cols:
-            v = np.array([x for x in (value(r, c) for r in rs) if x is not None])
-            cells.append("-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1
-                         else f"{v.mean():.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(mean_std(value(r, c) for r in rs) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def mean_std(values):
+    """A table cell: the mean +- sample std of the values that are not None ('-' if none, the value if one)."""
+    v = np.array([x for x in values if x is not None], dtype=float)
+    return "-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
 

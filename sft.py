@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 import data
 import dist
-import world
 import eval as evaluation
+import report
+import world
 from checkpoint import (Refused, differences, global_rng_state, load_tokenizer, log, read_checkpoint, save_atomic,
                         set_global_rng_state, tokenizer_fields, write_atomic)
 from model import GPT, GPTConfig, PatchTokenizer, amp_context, chunked_logps, lengths, to_device
@@ -163,14 +164,6 @@ def sft_loss(model, ids, labels, task, und_loss="tokens", across_ranks=False):
     return und + gen, und, gen
 
 
-def read_json_list(path):
-    """A JSON list from path, or [] if there is no such file."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
-
-
 def adamw(params, lr, device, weight_decay=0.0):
     """AdamW with betas (0.9, 0.95), as every stage trains. The fused kernel (CUDA, and CPU since
     torch 2.4) does the update of all parameters in one pass: a quarter of the time of the plain
@@ -280,7 +273,8 @@ def train_sft(args):
 
     # the learning curve (--curve_every): its points up to the step this run starts from
     curve_path = os.path.join(args.out_dir, "sft_curve.json")
-    curve = [p for p in (read_json_list(curve_path) if step else []) if p["step"] <= step]
+    curve = [p for p in (report.read_json(curve_path) if step and os.path.exists(curve_path) else [])
+             if p["step"] <= step]
     if not step and os.path.exists(curve_path) and dist.is_main():
         os.remove(curve_path)       # a fresh run: another run's curve must not be continued
 

@@ -151,11 +151,6 @@ COLS = [("SFT models", None), ("round trip", "roundtrip"), ("answer acc", "answe
         ("answer acc change", "answer_acc_change"), ("KL/token gen", "kl_gen")]
 
 
-def _cell(vals):
-    v = np.array([x for x in vals if x is not None], dtype=float)
-    return "-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
-
-
 def markdown(records, fits, header):
     by_n = {}
     for r in sorted(records, key=lambda r: (r["tokens"], r["sft_seed"])):
@@ -169,7 +164,7 @@ def markdown(records, fits, header):
              "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly.", "",
              "| tokens an image | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
     for n, rs in by_n.items():
-        lines.append(f"| {n} | " + " | ".join(str(len(rs)) if key is None else _cell(r[key] for r in rs)
+        lines.append(f"| {n} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
                                               for _, key in COLS) + " |")
     for key, f in fits.items():
         if f is None:
