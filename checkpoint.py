@@ -104,7 +104,8 @@ def command_line(main):
     try:
         main()
     except Refused as e:
-        print(e, file=sys.stderr)
+        if str(e):    # (an empty one: another process of the run has said it)
+            print(e, file=sys.stderr)
         sys.exit(2)
 
 
@@ -201,7 +202,19 @@ def differences(old, new):
 
 
 def file_digest(path):
-    """The first 12 hex digits of a file's SHA-256: which SFT model a result came from."""
+    """The first 12 hex digits of a file's SHA-256: which SFT model a result came from. Remembered
+    while the file stays the same one, unchanged (a study asks for sft.pt's dozens of times)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_ino, st.st_size, st.st_mtime_ns)   # (a rewrite is a new file: save_atomic)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _sha256(path)
+    return _DIGESTS[key]
+
+
+_DIGESTS = {}
+
+
+def _sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+LOCAL_WORLD = int(os.environ.get("LOCAL_WORLD_SIZE", WORLD))    # the processes on this machine
 
 
 # the stages every rank runs (train.py); the others run on rank 0 alone
@@ -43,16 +44,26 @@ def is_main():
 
 
 def init(device):
-    """Join the process group (NCCL on CUDA, one device per LOCAL_RANK; gloo on CPU) and return the
-    device this process computes on. A no-op without torchrun."""
+    """Join the process group (NCCL on CUDA, one GPU per process; gloo on CPU) and return the device
+    this process computes on. A no-op without torchrun. Two processes cannot share one GPU under
+    NCCL: more processes on this machine than it has GPUs is refused before any group is made."""
     if WORLD == 1:
         return device
     if device.startswith("cuda"):
+        have = torch.cuda.device_count()
+        if LOCAL_WORLD > have:
+            from checkpoint import Refused     # (checkpoint imports this module)
+            raise Refused("" if LOCAL_RANK else     # one line from the machine's first process, not one each
+                          f"error: {LOCAL_WORLD} processes need {LOCAL_WORLD} GPUs; this machine has {have} "
+                          f"(torchrun --nproc_per_node={have}, or plain python for one GPU)")
         device = f"cuda:{LOCAL_RANK}"
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        # rank 0 evaluates while the others wait at a barrier: minutes on a CPU, so a long timeout
-        td.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=6))
+        # rank 0 evaluates while the others wait at a barrier: minutes on a CPU, so a long timeout.
+        # device_id: NCCL knows this process's GPU at once (its barriers need not guess it)
+        on_gpu = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
+        td.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                              timeout=datetime.timedelta(hours=6), **on_gpu)
     return device
 
 

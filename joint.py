@@ -69,53 +69,64 @@ ORACLE = "oracle: und DPO model reads, gen DPO model draws"
 # -----------------------------------------------------------------------------
 # gradients: cosine, norm ratio, and the combination strategies
 
-def flat_dot(a, b):
-    return sum((x * y).sum() for x, y in zip(a, b))
+def flatten(grads, params):
+    """A gradient given per parameter (None: unused, zero) as ONE flat vector (n,): a dot product or a
+    sum over all parameters is then one reduction, not one kernel per parameter tensor (56 to 80 here)."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
+def dot(a, b):
+    """a . b of two flat gradients. Not a @ b: on a CPU that is BLAS's long running sum, 5e-6 off
+    (relative) over 1M parameters, where torch's sum adds in a tree and is 1e-7 off."""
+    return (a * b).sum()
 
 
 def cosine(a, b):
-    """Cosine between two gradients given as lists of tensors (the same parameters)."""
-    return (flat_dot(a, b) / (flat_dot(a, a).sqrt() * flat_dot(b, b).sqrt()).clamp(min=1e-30)).item()
+    """Cosine between two flat gradients (the same parameters); a 0-dim tensor, left on the device."""
+    return dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt()).clamp(min=1e-30)
 
 
 def pcgrad(gu, gg):
     """PCGrad (Yu et al. 2020) for two tasks: ONLY when the gradients conflict (negative dot product),
     each is projected onto the normal plane of the other; the sum is returned."""
-    dot = flat_dot(gu, gg)
-    if dot >= 0:
-        return [u + g for u, g in zip(gu, gg)]
-    nu, ng = flat_dot(gu, gu), flat_dot(gg, gg)
-    return [(u - dot / ng * g) + (g - dot / nu * u) for u, g in zip(gu, gg)]
+    d = dot(gu, gg)
+    # the branch is taken on the device (an `if d < 0` would make the host wait for it): where the
+    # gradients agree both coefficients are 0 and this is the plain sum gu + gg, to the bit
+    cu = torch.where(d < 0, d / dot(gu, gu), 0.0)
+    cg = torch.where(d < 0, d / dot(gg, gg), 0.0)
+    return (gu - cg * gg) + (gg - cu * gu)
 
 
 def combine(strategy, gu, gg, w_u):
-    """The update direction of one step from the understanding and the generation gradients."""
+    """The update direction of one step from the understanding and the generation gradients (flat)."""
     if strategy == "und":
         return gu
     if strategy == "gen":
         return gg
     if strategy in ("naive", "beta"):            # per-task beta changes the generation loss, not the sum
-        return [u + g for u, g in zip(gu, gg)]
+        return gu + gg
     if strategy == "wu":                          # the study's length-normalised weighting
-        return [w_u * u + (1 - w_u) * g for u, g in zip(gu, gg)]
+        return w_u * gu + (1 - w_u) * gg
     if strategy == "gradnorm":                    # both tasks pull with the same norm, their mean
-        nu, ng = flat_dot(gu, gu).sqrt().clamp(min=1e-12), flat_dot(gg, gg).sqrt().clamp(min=1e-12)
+        nu, ng = dot(gu, gu).sqrt().clamp(min=1e-12), dot(gg, gg).sqrt().clamp(min=1e-12)
         m = (nu + ng) / 2
-        return [m * (u / nu + g / ng) for u, g in zip(gu, gg)]
+        return m * (gu / nu + gg / ng)
     if strategy == "pcgrad":
         return pcgrad(gu, gg)
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
 def layer_groups(model):
-    """Parameter index lists per layer: 'embed' (token, position and code-pixel embeddings; the output
-    head is tied to them), 'block0'..'blockN', 'ln_f'. Every parameter is shared by both tasks."""
-    groups = {}
-    for i, (name, _) in enumerate(model.named_parameters()):
+    """Positions in the flat gradient (`flatten`, parameters in model order) per layer: 'embed' (token,
+    position and code-pixel embeddings; the output head is tied to them), 'block0'..'blockN', 'ln_f'.
+    Every parameter is shared by both tasks."""
+    groups, start = {}, 0
+    for name, p in model.named_parameters():
         key = "block" + name.split(".")[1] if name.startswith("blocks.") else \
             "ln_f" if name.startswith("ln_f") else "embed"
-        groups.setdefault(key, []).append(i)
-    return groups
+        groups.setdefault(key, []).append(torch.arange(start, start + p.numel(), device=p.device))
+        start += p.numel()
+    return {key: torch.cat(ix) for key, ix in groups.items()}
 
 
 HIST_KEYS = ("loss", "dpo_loss", "rewards/accuracies")   # what a run keeps of each step's metrics
@@ -127,10 +138,24 @@ def mean_loss(method):
 
 
 def task_grads(policy, params, vocab, P, idx, method, args, state):
-    """Gradient of one task's preference loss on pairs idx (a list of tensors) and its metrics."""
+    """Gradient of one task's preference loss on pairs idx (one flat vector) and its metrics (on the device)."""
     loss, m = pref.pref_step_loss(policy, vocab, P, idx, method, args, state)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], {"loss": loss.item(), **m}
+    return flatten(grads, params), {"loss": loss.detach(), **m}
+
+
+def diagnostics(step, grads, halves, groups, wide):
+    """A measured step's gradient diagnostics, as 0-dim tensors on the device: the cosine of the two
+    tasks' gradients, overall and per layer, between half batches, and within each task (the control:
+    two halves of one batch), and the norm ratio rho. (Each dot product is one float32 reduction over
+    the flat vectors: a cosine is good to ~1e-7.)"""
+    gu, gg, (u0, u1), (g0, g1) = grads["und"], grads["gen"], halves["und"], halves["gen"]
+    d = {"step": step, "cos": cosine(gu, gg), "rho": dot(gu, gu).sqrt() / dot(gg, gg).sqrt(),
+         "cos_within_und": cosine(u0, u1), "cos_within_gen": cosine(g0, g1),
+         # the mean of two cosines in a Python float's precision, as np.mean of two floats
+         "cos_half": (cosine(u0, g0).to(wide) + cosine(u1, g1).to(wide)) / 2}
+    d.update({f"cos_{name}": cosine(gu[ix], gg[ix]) for name, ix in groups.items()})   # (ix: positions, no mask)
+    return d
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +169,9 @@ def train_row(args, row, PU, PG, sft_path):
     policy.train()
     seed_everything(args.seed)
     params = list(policy.parameters())
+    sizes = [p.numel() for p in params]
     groups = layer_groups(policy)
+    wide = pref.python_float(args.device)
     opt = sft.adamw(params, args.joint_lr, args.device)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
@@ -154,12 +181,12 @@ def train_row(args, row, PU, PG, sft_path):
     if strategy == "beta":
         a_gen.beta = args.gen_beta if args.gen_beta else args.beta * T / N   # equal beta * tokens per task
     tasks = {"und": (PU, "dpo", args), "gen": (PG, gen_method, a_gen)}
-    state = {t: {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
-             for t in tasks}
+    state = {t: pref.dama_state(args.device, args.seed) for t in tasks}
     rngs = {t: random.Random(f"{args.seed}/{t}") for t in tasks}   # one batch order per task, whatever the row
     orders = {t: [] for t in tasks}
     kl_seqs = evaluation.kl_sequences(tok, vocab, 64, args.eval_seed)
-    hist, diag, t_log = {"und": [], "gen": []}, [], time.perf_counter()
+    # metrics stay on the device until a log line reads them (pref.Metrics): no wait for the GPU a step
+    hist, diag, t_log = {"und": pref.Metrics(), "gen": pref.Metrics()}, pref.Metrics(), time.perf_counter()
     for step in range(1, args.joint_steps + 1):
         for gr in opt.param_groups:
             gr["lr"] = args.joint_lr * min(1.0, step / 10)
@@ -182,38 +209,37 @@ def train_row(args, row, PU, PG, sft_path):
             if measure:   # the within-task control: the same loss on two halves of the batch
                 halves[t], parts = zip(*[task_grads(policy, params, vocab, P, p, method, a, probe()) for p in (idx[:h], idx[h:])])
             if measure and mean_loss(method) and 2 * h == len(idx):   # the halves' mean, computed already
-                grads[t] = [(u + v) / 2 for u, v in zip(*halves[t])]
-                m = {k: (parts[0][k] + parts[1][k]) / 2 for k in HIST_KEYS}
+                grads[t] = (halves[t][0] + halves[t][1]) / 2
+                # (their mean in float64, as it was of Python floats: the same numbers)
+                m = {k: (parts[0][k].to(wide) + parts[1][k].to(wide)) / 2 for k in HIST_KEYS}
             else:
                 grads[t], m = task_grads(policy, params, vocab, P, idx, method, a, state[t] if active else probe())
             hist[t].append({"step": step, **{k: m[k] for k in HIST_KEYS}})   # (an inactive task: measured steps only)
         if measure:
-            gu, gg = grads["und"], grads["gen"]
-            d = {"step": step, "cos": cosine(gu, gg), "rho": (flat_dot(gu, gu).sqrt() / flat_dot(gg, gg).sqrt()).item(),
-                 "cos_within_und": cosine(*halves["und"]), "cos_within_gen": cosine(*halves["gen"]),
-                 "cos_half": float(np.mean([cosine(halves["und"][k], halves["gen"][k]) for k in (0, 1)]))}
-            d.update({f"cos_{name}": cosine([gu[i] for i in ix], [gg[i] for i in ix]) for name, ix in groups.items()})
-            diag.append(d)
+            diag.append(diagnostics(step, grads, halves, groups, wide))
         g = combine(strategy, grads.get("und"), grads.get("gen"), N / (N + T))
-        for p, x in zip(params, g):
-            p.grad = x
+        for p, x in zip(params, g.split(sizes)):   # each parameter's gradient: a view into the flat vector
+            p.grad = x.view_as(p)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % args.log_every == 0 or step == args.joint_steps:
+            # read once per log interval: a .item() a step would make the host wait for the GPU
+            recent = {t: [m for m in hist[t].read() if m["step"] > step - args.log_every] for t in hist}
+            last = diag.read()[-1]
             ms = 1000 * (time.perf_counter() - t_log) / args.log_every    # (the steps, not the KL below)
             policy.eval()
             kl = {t: evaluation.kl_per_token(policy, ref, vocab, kl_seqs[t], args.device, args.dtype) for t in kl_seqs}
             policy.train()
-            recent = {t: [m for m in hist[t] if m["step"] > step - args.log_every] for t in hist}
             parts = [f"{t} loss {np.mean([m['loss'] for m in r]):.4f} dpo {np.mean([m['dpo_loss'] for m in r]):.4f} "
                      f"acc {np.mean([m['rewards/accuracies'] for m in r]):.2f}" for t, r in recent.items() if r]
             log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
-                      + f" | cos {diag[-1]['cos']:+.3f} | rho {diag[-1]['rho']:.2f} | KL/token und {kl['und']:.4f} "
+                      + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
                         f"gen {kl['gen']:.4f} | {ms:.0f} ms/step")
             t_log = time.perf_counter()
     policy.eval()
+    hist, diag = {t: hist[t].read() for t in hist}, diag.read()
     seqs = evaluation.kl_sequences(tok, vocab, 200, args.eval_seed + 1)
     summary = {f"kl_{t}": evaluation.kl_per_token(policy, ref, vocab, seqs[t], args.device, args.dtype) for t in seqs}
     summary.update({k: float(np.mean([d[k] for d in diag])) for k in diag[0] if k != "step"})

@@ -219,7 +219,9 @@ class GPT(nn.Module):
     def embedding_table(self):
         """(V, C): wte, with the pixel projection added to the rows of the image codes."""
         n_text = self.cfg.vocab_size - self.cfg.n_codes
-        img = self.code_proj(self.code_pixels)                          # (n_codes, C)
+        # in fp32 under bf16 autocast too: the table is also the output head, which is kept in fp32
+        with torch.autocast(self.wte.weight.device.type, enabled=False):
+            img = self.code_proj(self.code_pixels)                      # (n_codes, C)
         return self.wte.weight + F.pad(img, (0, 0, n_text, 0))          # (V, C)
 
     def forward(self, idx, caches=None, table=None, at=None):
@@ -277,7 +279,11 @@ class GPT(nn.Module):
         out = idx.new_empty(idx.size(0), 0)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         new, table = None, self.embedding_table()                     # fixed while decoding
-        for _ in range(n_new):
+        # reading `done` makes the host wait for the device: on a GPU it is read every 8th token, so that
+        # the host queues the next tokens' work meanwhile (the rows that are done emit `stop` until then;
+        # the random draws differ, so the CPU, where the read costs nothing, reads it every token)
+        every = 1 if idx.device.type == "cpu" else 8
+        for i in range(n_new):
             logits = []
             for b, cache in zip(branches, caches):
                 if use_cache and new is not None:
@@ -301,7 +307,7 @@ class GPT(nn.Module):
                 done = done | (nxt == stop)
             new = nxt[:, None]                                          # (B, 1)
             out = torch.cat([out, new], 1)
-            if stop is not None and bool(done.all()):
+            if stop is not None and (i + 1) % every == 0 and bool(done.all()):
                 break
         return out
 

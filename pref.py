@@ -27,7 +27,7 @@ import sft
 import world
 from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
                         seed_everything, settings, write_atomic)
-from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss, preference_metrics
+from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss
 from model import amp_context, chunked_logps, lengths, to_device
 
 # method -> (loss, images kept in the pairs, extra loss options); the last three are the papers' controls
@@ -115,6 +115,7 @@ def pair_logps(model, vocab, P, idx, images, corrupted, args):
         logps = chunked_logps(model, to_device(ids, args.device), to_device(labels, args.device))   # (2B or 3B,)
     parts = logps.split(len(idx))
     chosen_tokens = to_device((labels[:len(idx), 1:] != -100).sum(1), logps.device)   # (B,)
+    # (counted on the host's copy of the labels: no wait for the device)
     return parts[0], parts[1], parts[2] if corrupted else None, int(lengths(labels).sum()), chosen_tokens
 
 
@@ -158,7 +159,8 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
     """One preference loss on pairs `idx`; returns (loss, metrics dict). `state` holds DAMA's gap EMA.
     sft_weight = alpha > 0 adds RPO's NLL term on the chosen response: loss + alpha * mean_i nll_i
     (losses.chosen_nll_loss). It is composed here, not inside each loss, so that it works the same
-    for every method and the losses stay the papers' own; it is logged as nll/chosen."""
+    for every method and the losses stay the papers' own; it is logged as nll/chosen. The metrics
+    are detached 0-dim tensors left on the device (`Metrics` reads them), and `tokens`, an int."""
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
     pc, pr, pk, ntok, chosen_tokens = pair_logps(policy, vocab, P, idx, images, corrupted, args)
@@ -171,26 +173,76 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
     elif kind == "mdpo":
         losses, cr, rj, kr = mdpo_loss(pc, pr, rc, rr, pk, rk, beta=args.beta, **opts)
         loss = losses.mean()
-        m["rewards/imageless_chosen"] = kr.mean().item()
-        m["rewards/imageless_margins"] = (cr - kr).mean().item()
-        m["rewards/imageless_accuracies"] = (cr > kr).float().mean().item()
+        m["rewards/imageless_chosen"] = kr.mean()
+        m["rewards/imageless_margins"] = (cr - kr).mean()
+        m["rewards/imageless_accuracies"] = (cr > kr).float().mean()
     else:
         s = to_device(P["scores"][idx], pc.device)
+        # (dama_loss waits for the device once, int((w > 0).sum()), left in losses.py, which users copy
+        # as it is; a tensor gap_mean (dama_state) spares it a second wait, h.mean().item())
         losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
             pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
             score_gap_mean=P["score_gap_mean"], generator=state["generator"])
         loss = (losses * keep).sum() / keep.sum()
-        m["beta_used"], m["kept"] = beta_used.mean().item(), int(keep.sum().item())
+        m["beta_used"], m["kept"] = beta_used.mean(), keep.sum().long()   # (an integer tensor: an int when read)
+    # (chosen_nll_loss checks (chosen_lengths < 1).any() on the device: one wait a step, left in losses.py)
     nll = chosen_nll_loss(pc, chosen_tokens).mean()   # logged always; trained only with sft_weight > 0
     if sft_weight > 0:
         loss = loss + sft_weight * nll
-    m["nll/chosen"] = nll.item()
-    m.update(preference_metrics(cr, rj))
+    m["nll/chosen"] = nll.detach()
+    m.update(reward_metrics(cr, rj))
     # the plain DPO loss at the base beta, whatever the method: ln 2 at policy == reference
-    m["dpo_loss"] = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=args.beta)[0].mean().item()
-    m["logps/chosen"], m["logps/rejected"] = pc.mean().item(), pr.mean().item()
+    m["dpo_loss"] = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=args.beta)[0].mean()
+    m["logps/chosen"], m["logps/rejected"] = pc.detach().mean(), pr.detach().mean()
     m["tokens"] = ntok
     return loss, m
+
+
+def reward_metrics(chosen_rewards, rejected_rewards):
+    """losses.preference_metrics (TRL's names, the same operations), as 0-dim tensors left on the
+    device: its .item()s would make the host wait for the GPU every step. test_pref checks that
+    the two give the same numbers."""
+    chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()  # (B,)
+    return {"rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean()}
+
+
+class Metrics:
+    """The metric dicts of a run's steps, read from the device only when needed. On CUDA every .item()
+    makes the host wait for the GPU, and this small model's step is bound by how fast the host launches
+    kernels: the host must run ahead. So a step leaves its metrics on the device as 0-dim tensors, and
+    `read` brings all pending ones over in ONE transfer (at a log line, a checkpoint, the end)."""
+
+    def __init__(self, done=()):
+        self.done = list(done)    # dicts of Python numbers (a resumed run's curve)
+        self.pending = []         # dicts of 0-dim tensors (and Python numbers)
+
+    def append(self, m):
+        self.pending.append(m)
+
+    def read(self):
+        """Every dict so far, tensors turned into floats (integer tensors, small counts, into ints)."""
+        tensors = [v for m in self.pending for v in m.values() if isinstance(v, torch.Tensor)]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])   # the one transfer; dtypes promote exactly
+        for m in self.pending:
+            self.done.append({k: (next(values) if v.is_floating_point() else int(next(values)))
+                              if isinstance(v, torch.Tensor) else v for k, v in m.items()})
+        self.pending = []
+        return self.done
+
+
+def python_float(device):
+    """float64, a Python float's precision, for values kept on `device` that a float used to hold (MPS: float32)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def dama_state(device, seed):
+    """DAMA's training state: R-bar, the running mean margin, as a float64 0-dim tensor on the device
+    (as a float, dama_loss would .item() the batch's mean margin every step: the same numbers), and
+    the generator of its selection."""
+    return {"gap_mean": torch.zeros((), dtype=python_float(device), device=device),
+            "generator": torch.Generator(device=device).manual_seed(seed)}
 
 
 def train_pref(args, method, P, sft_path, name=None):
@@ -210,10 +262,10 @@ def train_pref(args, method, P, sft_path, name=None):
     seed_everything(args.seed)
     opt = sft.adamw(policy.parameters(), args.pref_lr, args.device)
     rng = random.Random(args.seed)
-    state = {"gap_mean": 0.0, "generator": torch.Generator(device=args.device).manual_seed(args.seed)}
+    state = dama_state(args.device, args.seed)
     mix_rng, mix_args = random.Random(args.seed + 7919), copy.copy(args)      # --sft_mix: its own data stream
     mix_args.batch_size = args.pref_batch
-    order, t_log, hist, curve, start = [], time.perf_counter(), [], [], 0
+    order, t_log, curve, start = [], time.perf_counter(), Metrics(), 0
     name = name or method
     path = pref_path(args, name)
     part, made_with = path + ".part", {"settings": settings(args), "sft_digest": file_digest(sft_path)}
@@ -226,12 +278,14 @@ def train_pref(args, method, P, sft_path, name=None):
                           f"delete it or run without --resume")
         policy.load_state_dict(pk["model"])
         opt.load_state_dict(pk["optimizer"])
-        start, order, curve, state["gap_mean"] = pk["step"], list(pk["order"]), list(pk["curve"]), pk["gap_mean"]
+        start, order, curve = pk["step"], list(pk["order"]), Metrics(pk["curve"])
+        state["gap_mean"].fill_(pk["gap_mean"])
         rng.setstate(pk["rng"]["data"])
         mix_rng.setstate(pk["rng"]["mix"])
         torch.set_rng_state(pk["rng"]["torch"].cpu())
         state["generator"].set_state(pk["rng"]["dama"].cpu())
         log(args, f"pref {name} s{args.seed} | resumed at step {start}")
+    last_log = start
     for step in range(start + 1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
             order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
@@ -244,30 +298,31 @@ def train_pref(args, method, P, sft_path, name=None):
             with amp_context(args.device, args.dtype):
                 mixed = sft.sft_loss(policy, ids, labels, task, args.und_loss)[0]
             loss = loss + args.sft_mix * mixed
-            m["sft_mix/loss"] = mixed.item()
+            m["sft_mix/loss"] = mixed.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         opt.step()
-        hist.append({"loss": loss.item(), **m})
-        curve.append({"step": step, **hist[-1]})
+        curve.append({"step": step, "loss": loss.detach(), **m})
         if step % args.log_every == 0 or step == args.pref_steps:
-            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0] if k != "tokens"}
+            # read once per log interval: a .item() a step would make the host wait for the GPU
+            hist = [h for h in curve.read() if h["step"] > last_log]
+            mean = {k: float(np.mean([h[k] for h in hist])) for k in hist[0] if k not in ("step", "tokens")}
             dt = time.perf_counter() - t_log
             log(args, f"pref {name} s{args.seed} | step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in mean.items())
                 + f" | {1000 * dt / len(hist):.0f} ms/step | {sum(h['tokens'] for h in hist) / dt:.0f} tok/s")
-            hist, t_log = [], time.perf_counter()
+            last_log, t_log = step, time.perf_counter()
         if step % args.pref_ckpt_every == 0 and step < args.pref_steps:
             save_atomic({"model": policy.state_dict(), "optimizer": opt.state_dict(), "step": step, "order": order,
-                         "gap_mean": float(state["gap_mean"]), "curve": curve, **made_with,
+                         "gap_mean": float(state["gap_mean"]), "curve": curve.read(), **made_with,
                          "rng": {"data": rng.getstate(), "mix": mix_rng.getstate(), "torch": torch.get_rng_state(),
                                  "dama": state["generator"].get_state()}}, part)
     save_atomic({**ck, "model": policy.state_dict(), "optimizer": None, "step": args.pref_steps,
-                 "config": vars(args), "method": method, "row": name, "curve": curve, **made_with}, path)
+                 "config": vars(args), "method": method, "row": name, "curve": curve.read(), **made_with}, path)
     if os.path.exists(part):
         os.remove(part)
-    return path, curve
+    return path, curve.read()
 
 
 def pref_path(args, name):

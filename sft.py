@@ -105,6 +105,11 @@ def train_vq(args, rng):
 # stage 2: joint SFT (understanding + generation)
 
 def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, tasks=data.UND_TASKS):
+    """sft_batch_host's batch on args.device."""
+    return tuple(to_device(t, args.device) for t in sft_batch_host(rng, tok, vocab, args, split, extra, und_only, tasks))
+
+
+def sft_batch_host(rng, tok, vocab, args, split="train", extra=(), und_only=False, tasks=data.UND_TASKS):
     """Understanding (--und_frac) and generation examples, freshly sampled: (ids, labels, task),
     task (B,) long = the index of the example's (first) understanding task in data.UND_TASKS, -1
     for generation. A short question comes with --turns - 1 more about the same image.
@@ -117,7 +122,7 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
     exs = [data.sample_example(rng, split, rng.choice(tasks), args.caption_noise, args.cooc)
            for _ in range(n_und)]
     exs += [data.sample_example(rng, split, rng.choice(data.GEN_TASKS)) for _ in range(args.batch_size - n_und)]
-    codes = tok.encode(np.stack([world.render(e.scene) for e in exs])).tolist()   # a host tok: no wait
+    codes = tok.encode(np.stack([world.render(e.scene) for e in exs])).tolist()   # (a CPU tokenizer: no wait)
     seqs = []
     for e, c in zip(exs, codes):
         if e.is_gen:   # classifier-free guidance: sometimes drop the prompt
@@ -129,7 +134,40 @@ def sft_batch(rng, tok, vocab, args, split="train", extra=(), und_only=False, ta
     ids, labels = data.collate(seqs + [(x, y) for x, y, _ in extra], vocab.pad)
     task = [-1 if e.is_gen else data.UND_TASKS.index(e.task) for e in exs]
     task += [-1 if g else len(data.UND_TASKS) for _, _, g in extra]
-    return tuple(to_device(t, args.device) for t in (torch.from_numpy(ids), torch.from_numpy(labels), torch.tensor(task)))
+    return torch.from_numpy(ids), torch.from_numpy(labels), torch.tensor(task)
+
+
+class SFTBatches(torch.utils.data.IterableDataset):
+    """The SFT stream from `step` to --steps: (ids, labels, task, rng state after the batch) per step,
+    each batch as sft_batch_host draws it from `rng` (the --primer and --und_first phases by step).
+    With --workers 1 a DataLoader builds it in a second process while the device trains on the
+    previous batch: sampling, rendering and tokenising 128 sequences cost ~15-35 ms of Python, more
+    than a GPU step. The batches are the same either way (one process draws them in order from the
+    same generator); the state that comes with each is what a checkpoint after that step keeps."""
+
+    def __init__(self, rng, tok, vocab, args, step):
+        self.state, self.tok, self.vocab, self.args, self.step = rng.getstate(), tok, vocab, args, step
+
+    def __iter__(self):
+        rng, a = random.Random(), self.args
+        rng.setstate(self.state)
+        for step in range(self.step, a.steps):
+            batch = sft_batch_host(rng, self.tok, self.vocab, a, und_only=step < a.und_first,
+                                   tasks=PRIMER_TASKS if step < a.primer else data.UND_TASKS)
+            yield (*batch, rng.getstate())
+
+
+def sft_stream(rng, tok, vocab, args, step):
+    """An iterator over SFTBatches: built in the loop (--workers 0) or by one worker process."""
+    batches = SFTBatches(rng, tok, vocab, args, step)
+    if not getattr(args, "workers", 0):
+        return iter(batches)
+    return iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=1, prefetch_factor=4,
+                                            collate_fn=_as_is))
+
+
+def _as_is(batch):
+    return batch
 
 
 def sft_loss(model, ids, labels, task, und_loss="tokens", across_ranks=False):
@@ -172,20 +210,31 @@ def adamw(params, lr, device, weight_decay=0.0):
                              fused=torch.device(device).type in ("cuda", "cpu"))
 
 
-def matmul_peak_flops(device, dtype="float32", n=1024, seconds=1.0):
+def matmul_peak_flops(device, dtype="float32", n=None, seconds=1.0):
     """This machine's measured matmul throughput in the training dtype, FLOP/s (the denominator of
-    MFU): a bf16 run on a GPU is measured against its tensor cores, not its fp32 units."""
+    MFU): a bf16 run on a GPU is measured against its tensor cores, not its fp32 units. n x n random
+    matrices, n = 8192 on a GPU (smaller ones measure how fast products can be launched, not done),
+    1024 on a CPU; on a GPU timed by the device's own clock (CUDA events) over batches of 10."""
+    cuda = device.startswith("cuda")
+    n = n or (8192 if cuda else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
+    for _ in range(3):   # warm-up: the library picks its kernel, the clocks rise
         a @ b
-        reps += 1
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    done, spent = 0, 0.0
+    while spent < seconds or done < 10:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                a @ b
+            end.record()
+            end.synchronize()
+            spent, done = spent + start.elapsed_time(end) / 1000, done + 10
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            spent, done = spent + time.perf_counter() - t0, done + 1
+    return 2 * n ** 3 * done / spent
 
 
 def sft_lr(step, args):
@@ -220,8 +269,9 @@ def curve_point(model, tok, vocab, args, step):
 def train_sft(args):
     tok = load_tokenizer(os.path.join(args.out_dir, "tokenizer.pt"), args.device)
     vocab = data.Vocab(tok.n_codes)
-    # k-means codes are looked up on the host while the device computes; a VQ-VAE's convolutions stay on the device
-    host_tok = copy.deepcopy(tok).cpu() if isinstance(tok, PatchTokenizer) else tok
+    # batches are tokenised on the host while the device computes (k-means codes always; a VQ-VAE's
+    # convolutions there too when a worker process builds the batches: it never touches the GPU)
+    host_tok = copy.deepcopy(tok).cpu() if isinstance(tok, PatchTokenizer) or getattr(args, "workers", 0) else tok
     mcfg = GPTConfig(vocab_size=vocab.size, n_codes=tok.n_codes, code_dim=tok.codebook.size(1),
                      cell_words=data.cell_word_ids(vocab, tok.grid),
                      block_size=max(96, tok.grid ** 2 + 60),   # the image's tokens + the longest text (58)
@@ -281,12 +331,14 @@ def train_sft(args):
     model.train()
     t_log, tokens, t_start = time.perf_counter(), 0, time.perf_counter()
     bar = tqdm(total=args.steps, initial=step, desc="sft", disable=not dist.is_main())   # one bar
+    stream = sft_stream(rng, host_tok, vocab, args, step)
     while step < args.steps:
         lr = sft_lr(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        ids, labels, task = sft_batch(rng, host_tok, vocab, args, und_only=step < args.und_first,
-                                      tasks=PRIMER_TASKS if step < args.primer else data.UND_TASKS)
+        *batch, state = next(stream)
+        rng.setstate(state)             # where the data stream is after this batch: what a checkpoint keeps
+        ids, labels, task = (to_device(t, args.device) for t in batch)
         with amp_context(args.device, args.dtype):
             loss, und, gen = sft_loss(ddp, ids, labels, task, args.und_loss, across_ranks=dist.active())
         opt.zero_grad(set_to_none=True)
@@ -318,5 +370,6 @@ def train_sft(args):
         if step % args.ckpt_every == 0 or step == args.steps:
             checkpoint()
     bar.close()
+    del stream                          # (its worker process ends)
     log(args, f"sft | done: {step} steps in {time.perf_counter() - t_start:.0f} s this run")
     return path

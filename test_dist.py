@@ -12,8 +12,13 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import torch
+
+import dist
+import train
+from checkpoint import Refused
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a tiny model and world: seconds per run
@@ -172,6 +177,30 @@ class TestDataParallelPref(unittest.TestCase):
             self.assertEqual(results[0]["seeds"], [0, 1])
             self.assertEqual(results[0]["rows"], results[1]["rows"])     # the same numbers, run for run
             self.assertEqual(results[0]["curves"], results[1]["curves"])
+
+
+class TestRefused(unittest.TestCase):
+
+    def test_more_processes_than_gpus_is_refused_in_one_line(self):
+        """NCCL cannot put two ranks on one GPU: refused before any process group is made, said once."""
+        with mock.patch.multiple(dist, WORLD=2, LOCAL_WORLD=2, LOCAL_RANK=0), \
+                mock.patch("torch.cuda.device_count", return_value=1):
+            with self.assertRaises(Refused) as e:
+                dist.init("cuda")
+            self.assertEqual(str(e.exception).splitlines()[0],
+                             "error: 2 processes need 2 GPUs; this machine has 1 (torchrun --nproc_per_node=1, "
+                             "or plain python for one GPU)")
+            with mock.patch.object(dist, "LOCAL_RANK", 1), self.assertRaises(Refused) as e:
+                dist.init("cuda")
+            self.assertEqual(str(e.exception), "")            # the second process exits 2 without a word
+
+    @unittest.skipIf(torch.cuda.is_available(), "this machine has CUDA")
+    def test_device_cuda_without_cuda_is_refused(self):
+        run = subprocess.run([sys.executable, "train.py", "--device", "cuda", "--stage", "sft"], cwd=HERE,
+                             capture_output=True, text=True, timeout=120)
+        self.assertEqual(run.returncode, 2)
+        self.assertEqual(run.stderr.strip(), "error: --device cuda, but this machine has no CUDA device that torch "
+                                             "can use; run with --device cpu (or auto)")
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -132,16 +132,18 @@ class TestGenerationPairs(unittest.TestCase):
 class TestGradientTools(unittest.TestCase):
 
     def test_cosine_of_a_loss_with_itself_and_of_toy_losses(self):
-        w = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)]
+        w = [torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True), torch.randn(2, requires_grad=True)]
         a, b = torch.tensor([1.0, 2.0, 0.0, -1.0, 3.0]), torch.tensor([0.5, -1.0, 4.0, 2.0, 0.0])
-        flat = lambda: torch.cat(w)
-        g1 = torch.autograd.grad((flat() * a).sum() + (flat() ** 2).sum(), w)
-        self.assertAlmostEqual(joint.cosine(g1, g1), 1.0, places=6)
+        flat = lambda: torch.cat(w[:2])                                  # w[2] is unused: its gradient is 0
+        grad = lambda loss: joint.flatten(torch.autograd.grad(loss, w, allow_unused=True), w)
+        g1 = grad((flat() * a).sum() + (flat() ** 2).sum())
+        self.assertEqual(tuple(g1.shape), (7,))
+        self.assertAlmostEqual(float(joint.cosine(g1, g1)), 1.0, places=6)
         # two independent linear losses: the gradients are a and b, so the cosine is a.b / |a||b|
-        ga = torch.autograd.grad((flat() * a).sum(), w)
-        gb = torch.autograd.grad((flat() * b).sum(), w)
-        self.assertAlmostEqual(joint.cosine(ga, gb), float(a @ b / (a.norm() * b.norm())), places=6)
-        self.assertAlmostEqual(joint.cosine(ga, [-x for x in ga]), -1.0, places=6)
+        ga, gb = grad((flat() * a).sum()), grad((flat() * b).sum())
+        torch.testing.assert_close(ga, torch.cat([a, torch.zeros(2)]))
+        self.assertAlmostEqual(float(joint.cosine(ga, gb)), float(a @ b / (a.norm() * b.norm())), places=6)
+        self.assertAlmostEqual(float(joint.cosine(ga, -ga)), -1.0, places=6)
 
     def test_the_same_batch_twice_gives_cosine_one(self):
         tok, vocab, model, args, P = tiny_setup(n_pairs=8)
@@ -150,25 +152,42 @@ class TestGradientTools(unittest.TestCase):
         for method in ("dpo", "dama"):
             g = [joint.task_grads(policy, params, vocab, P, list(range(8)), method, args,
                                   {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)})[0] for _ in range(2)]
-            self.assertAlmostEqual(joint.cosine(*g), 1.0, places=5)
+            self.assertAlmostEqual(float(joint.cosine(*g)), 1.0, places=5)
             other = joint.task_grads(policy, params, vocab, P, list(range(4)), method, args,
                                      {"gap_mean": 0.0, "generator": torch.Generator().manual_seed(0)})[0]
-            self.assertLess(joint.cosine(g[0], other), 0.9999)          # another batch: another direction
+            self.assertLess(float(joint.cosine(g[0], other)), 0.9999)   # another batch: another direction
+
+    def test_layer_groups_are_positions_in_the_flat_gradient(self):
+        model = tiny_model(data.Vocab(512), 0)
+        params = list(model.parameters())
+        groups = joint.layer_groups(model)
+        n = sum(p.numel() for p in params)
+        self.assertTrue(torch.equal(torch.cat(list(groups.values())).sort().values, torch.arange(n)))   # each once
+        flat = joint.flatten([p.detach() for p in params], params)
+        named = list(model.named_parameters())
+        for key, held in (("block0", lambda name: name.startswith("blocks.0.")),
+                          ("ln_f", lambda name: name.startswith("ln_f.")),
+                          ("embed", lambda name: not name.startswith(("blocks.", "ln_f.")))):
+            want = torch.cat([p.detach().flatten() for name, p in named if held(name)])
+            self.assertTrue(torch.equal(flat[groups[key]], want), key)
 
     def test_pcgrad_projects_only_on_conflict(self):
-        u, g = [torch.tensor([1.0, 0.0])], [torch.tensor([1.0, 1.0])]      # agree: the plain sum
-        torch.testing.assert_close(joint.pcgrad(u, g)[0], torch.tensor([2.0, 1.0]))
-        u, g = [torch.tensor([1.0, 0.0])], [torch.tensor([-1.0, 1.0])]     # conflict: dot = -1
+        u, g = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])          # agree: the plain sum
+        torch.testing.assert_close(joint.pcgrad(u, g), torch.tensor([2.0, 1.0]))
+        u, g = torch.randn(50), torch.randn(50)
+        u = u if u @ g >= 0 else -u                                        # agree: the sum, to the bit
+        self.assertTrue(torch.equal(joint.pcgrad(u, g), u + g))
+        u, g = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0])         # conflict: dot = -1
         # u' = u - (u.g / |g|^2) g = (0.5, 0.5); g' = g - (g.u / |u|^2) u = (0, 1)
-        torch.testing.assert_close(joint.pcgrad(u, g)[0], torch.tensor([0.5, 1.5]))
-        up = u[0] - (u[0] @ g[0]) / (g[0] @ g[0]) * g[0]
-        self.assertAlmostEqual(float(up @ g[0]), 0.0, places=6)            # projected onto the normal plane
+        torch.testing.assert_close(joint.pcgrad(u, g), torch.tensor([0.5, 1.5]))
+        up = u - (u @ g) / (g @ g) * g
+        self.assertAlmostEqual(float(up @ g), 0.0, places=6)               # projected onto the normal plane
 
     def test_combinations(self):
-        u, g = [torch.tensor([3.0, 4.0])], [torch.tensor([0.0, 0.5])]      # norms 5 and 0.5
-        torch.testing.assert_close(joint.combine("naive", u, g, 0.3)[0], torch.tensor([3.0, 4.5]))
-        torch.testing.assert_close(joint.combine("wu", u, g, 0.3)[0], torch.tensor([0.9, 1.55]))
-        both = joint.combine("gradnorm", u, g, 0.3)[0]        # each task pulls with norm (5 + 0.5) / 2
+        u, g = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.5])          # norms 5 and 0.5
+        torch.testing.assert_close(joint.combine("naive", u, g, 0.3), torch.tensor([3.0, 4.5]))
+        torch.testing.assert_close(joint.combine("wu", u, g, 0.3), torch.tensor([0.9, 1.55]))
+        both = joint.combine("gradnorm", u, g, 0.3)           # each task pulls with norm (5 + 0.5) / 2
         torch.testing.assert_close(both, 2.75 * torch.tensor([0.6, 0.8]) + 2.75 * torch.tensor([0.0, 1.0]))
         self.assertIs(joint.combine("und", u, None, 0.3), u)
         with self.assertRaises(ValueError):
@@ -188,8 +207,7 @@ class TestJointTraining(unittest.TestCase):
             full, _ = joint.task_grads(model, params, vocab, PU, list(range(8)), method, args, state())
             halves = [joint.task_grads(model, params, vocab, PU, part, method, args, state())[0]
                       for part in (list(range(4)), list(range(4, 8)))]
-            mean = [(u + v) / 2 for u, v in zip(*halves)]
-            same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(full, mean))
+            same = torch.allclose(full, (halves[0] + halves[1]) / 2, rtol=1e-4, atol=1e-7)
             self.assertEqual(same, joint.mean_loss(method), method)   # DAMA keeps a subset: not a plain mean
 
     def test_one_joint_step_per_row(self):

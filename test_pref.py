@@ -16,6 +16,7 @@ import data
 import pref
 import world
 from checkpoint import save_atomic
+from losses import preference_metrics
 from test_model import renders, tiny_model
 from model import PatchTokenizer
 
@@ -126,8 +127,13 @@ class TestPairs(unittest.TestCase):
             if pref.METHODS[method][0] == "mdpo":
                 self.assertIn("rewards/imageless_margins", m)
             if method == "dama":
-                self.assertEqual(m["kept"], int(8 * 0.8))
+                self.assertEqual(int(m["kept"]), int(8 * 0.8))
                 self.assertNotEqual(state["gap_mean"], 0.0)
+                # R-bar as a float64 tensor (pref.dama_state: no wait for the device) gives the same numbers
+                tensor_state = pref.dama_state("cpu", 0)
+                _, m2 = pref.pref_step_loss(policy, vocab, P, list(range(8)), method, args, tensor_state)
+                self.assertEqual(float(tensor_state["gap_mean"]), state["gap_mean"])
+                self.assertEqual({k: float(v) for k, v in m2.items()}, {k: float(v) for k, v in m.items()})
             # policy == reference at step 0: every margin is 0, so DPO's loss is ln 2
             if method == "dpo":
                 self.assertAlmostEqual(loss.item(), float(np.log(2)), places=4)
@@ -146,8 +152,27 @@ class TestPairs(unittest.TestCase):
             n_tok = (labels[:8, 1:] != -100).sum(1)
             self.assertTrue((n_tok > 1).all())
             want = (-chosen_logps / n_tok).mean().item()
-            self.assertAlmostEqual(m0["nll/chosen"], want, places=4)
+            self.assertAlmostEqual(float(m0["nll/chosen"]), want, places=4)
             self.assertAlmostEqual(with_nll.item() - plain.item(), 0.7 * want, places=4, msg=method)
+
+    def test_metrics_stay_tensors_and_are_read_as_losses_computes_them(self):
+        g = torch.Generator().manual_seed(0)
+        chosen, rejected = torch.randn(16, generator=g), torch.randn(16, generator=g)
+        rejected[:3] = chosen[:3]                                # ties count as wrong
+        ours = pref.reward_metrics(chosen, rejected)
+        self.assertTrue(all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in ours.values()))
+        curve = pref.Metrics([{"step": 1, "loss": 0.5}])      # a resumed run's curve, already floats
+        curve.append({"step": 2, **ours, "kept": torch.tensor(12), "wide": torch.tensor(0.1, dtype=torch.float64),
+                      "tokens": 345})
+        read = curve.read()
+        self.assertEqual(read[0], {"step": 1, "loss": 0.5})
+        # the same Python floats, to the bit, as losses.preference_metrics's .item()s
+        self.assertEqual({k: read[1][k] for k in ours}, preference_metrics(chosen, rejected))
+        self.assertEqual(list(read[1]), ["step", *ours, "kept", "wide", "tokens"])       # keys in order
+        self.assertEqual((read[1]["kept"], read[1]["wide"], read[1]["tokens"]), (12, 0.1, 345))
+        self.assertIsInstance(read[1]["kept"], int)
+        self.assertIs(curve.read(), read)                        # nothing pending: nothing read again
+        self.assertEqual(len(read), 2)
 
     def test_sft_mix_adds_the_loss_of_an_sft_batch_to_every_step(self):
         tok, vocab, model, args, P = tiny_setup(n_pairs=8)

@@ -115,6 +115,22 @@ class TestKillAndResume(unittest.TestCase):
                 train.main(TINY + ["--out_dir", out, "--resume", "--beta", "0.2"])
             self.assertEqual(read(os.path.join(out, "run.json")), before)
 
+class TestBatchWorker(unittest.TestCase):
+
+    def test_a_worker_process_builds_the_same_batches(self):
+        """--workers 1 (a DataLoader process builds SFT batches while the device trains) trains the same
+        model, and leaves the data stream where --workers 0 does, so --resume continues either exactly."""
+        got = []
+        with tempfile.TemporaryDirectory() as d:
+            for w in ("0", "1"):
+                out = os.path.join(d, w)
+                train.main(["--stage", "tokenizer,sft", *TINY[:TINY.index("--pairs")], "--steps", "12",
+                            "--workers", w, "--out_dir", out])
+                got.append(torch.load(os.path.join(out, "sft.pt"), weights_only=False))
+        for name, p in got[0]["model"].items():
+            self.assertTrue(torch.equal(p, got[1]["model"][name]), name)
+        self.assertEqual(got[0]["rng"]["data"], got[1]["rng"]["data"])
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -29,6 +29,8 @@ import os
 import sys
 import time
 
+import torch
+
 import dist
 import eval as evaluation
 import joint
@@ -45,8 +47,9 @@ from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log
                         set_global_rng_state, writable)
 
 PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3),
+    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3, pref_ckpt_every=50),
+    # (a preference run takes seconds on a GPU: no checkpoint of 130 MB in the middle of one)
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3, pref_ckpt_every=1000),
 }
 
 # the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
@@ -130,6 +133,10 @@ parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weigh
 parser.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
 parser.add_argument("--cfg_drop", type=float, default=0.1,
                     help="fraction of generation examples trained without their prompt (for CFG)")
+parser.add_argument("--workers", type=int, default=None, choices=[0, 1],
+                    help="processes that build SFT batches while the device trains (default: 1 on CUDA with "
+                         "--tokenizer patch, else 0: on a CPU the worker would take a core from the training, and "
+                         "a VQ-VAE encodes faster on the GPU than in a worker); the batches are the same either way")
 parser.add_argument("--log_every", type=int, default=50, help="steps between log lines")
 parser.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints")
 parser.add_argument("--curve_every", type=int, default=0,
@@ -154,8 +161,9 @@ parser.add_argument("--length_matched", action="store_true",
 parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
 parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
-parser.add_argument("--pref_ckpt_every", type=int, default=50,
-                    help="steps between checkpoints of a preference run (what --resume continues)")
+parser.add_argument("--pref_ckpt_every", type=int, default=None,
+                    help="steps between checkpoints of a preference run (what --resume continues; from the preset: "
+                         "quick 50, gpu 1000)")
 parser.add_argument("--pref_lr", type=float, default=1e-5,
                     help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
                          "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
@@ -197,6 +205,12 @@ def resolve(args):
     """Fill 'auto' and preset-sized settings in place, and validate them."""
     if args.device == "auto":
         args.device = pick_device()
+    kind = args.device.split(":")[0]
+    if kind not in ("cuda", "mps", "cpu"):
+        parser.error(f"--device {args.device}: expected cuda, mps, cpu or auto")
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        raise Refused(f"error: --device {args.device}, but this machine has no {kind.upper()} device that torch can "
+                      f"use; run with --device cpu (or auto)")
     args.device = dist.init(args.device)     # under torchrun: this rank's GPU (LOCAL_RANK), in its process group
     args.world_size = dist.WORLD
     if args.preset == "auto":
@@ -206,6 +220,8 @@ def resolve(args):
             setattr(args, k, v)
     if args.n_codes is None and args.stage != "tokens":   # (the token-count study's worlds are all VQ-VAE ones)
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
+    if args.workers is None:
+        args.workers = 1 if args.device.startswith("cuda") and args.tokenizer == "patch" else 0
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     for k in ("primer", "und_first", "curve_every"):
