@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data
 import dist
+from errors import Refused   # (here too: every entry point imports it from checkpoint)
 import world
 from model import GPT, GPTConfig, PatchTokenizer
 from vq import VQVAE
@@ -92,11 +93,6 @@ def log(args, line):
         tqdm.write(line)
     with open(os.path.join(args.out_dir, "log.txt" if dist.is_main() else f"log.rank{dist.RANK}.txt"), "a") as f:
         f.write(line + "\n")
-
-
-class Refused(SystemExit):
-    """Bad input, said in one line that names the file and the problem. The entry points print it
-    and exit with status 2; nothing in out/ has been written when it is raised."""
 
 
 def command_line(main):

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as td
 from torch.nn.parallel import DistributedDataParallel
 
+from errors import Refused
+
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
@@ -52,7 +54,6 @@ def init(device):
     if device.startswith("cuda"):
         have = torch.cuda.device_count()
         if LOCAL_WORLD > have:
-            from checkpoint import Refused     # (checkpoint imports this module)
             raise Refused("" if LOCAL_RANK else     # one line from the machine's first process, not one each
                           f"error: {LOCAL_WORLD} processes need {LOCAL_WORLD} GPUs; this machine has {have} "
                           f"(torchrun --nproc_per_node={have}, or plain python for one GPU)")

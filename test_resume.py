@@ -126,7 +126,7 @@ class TestBatchWorker(unittest.TestCase):
                 out = os.path.join(d, w)
                 train.main(["--stage", "tokenizer,sft", *TINY[:TINY.index("--pairs")], "--steps", "12",
                             "--workers", w, "--out_dir", out])
-                got.append(torch.load(os.path.join(out, "sft.pt"), weights_only=False))
+                got.append(torch.load(os.path.join(out, "sft.pt"), weights_only=True))
         for name, p in got[0]["model"].items():
             self.assertTrue(torch.equal(p, got[1]["model"][name]), name)
         self.assertEqual(got[0]["rng"]["data"], got[1]["rng"]["data"])
