@@ -36,6 +36,7 @@ import data
 import eval as evaluation
 import genpairs
 import pref
+import stepmetrics
 import report
 import sft
 import world
@@ -171,7 +172,7 @@ def train_row(args, row, PU, PG, sft_path):
     params = list(policy.parameters())
     sizes = [p.numel() for p in params]
     groups = layer_groups(policy)
-    wide = pref.python_float(args.device)
+    wide = stepmetrics.python_float(args.device)
     opt = sft.adamw(params, args.joint_lr, args.device)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
@@ -181,12 +182,13 @@ def train_row(args, row, PU, PG, sft_path):
     if strategy == "beta":
         a_gen.beta = args.gen_beta if args.gen_beta else args.beta * T / N   # equal beta * tokens per task
     tasks = {"und": (PU, "dpo", args), "gen": (PG, gen_method, a_gen)}
-    state = {t: pref.dama_state(args.device, args.seed) for t in tasks}
+    state = {t: stepmetrics.dama_state(args.device, args.seed) for t in tasks}
     rngs = {t: random.Random(f"{args.seed}/{t}") for t in tasks}   # one batch order per task, whatever the row
     orders = {t: [] for t in tasks}
     kl_seqs = evaluation.kl_sequences(tok, vocab, 64, args.eval_seed)
-    # metrics stay on the device until a log line reads them (pref.Metrics): no wait for the GPU a step
-    hist, diag, t_log = {"und": pref.Metrics(), "gen": pref.Metrics()}, pref.Metrics(), time.perf_counter()
+    # metrics stay on the device until a log line reads them (stepmetrics.Metrics): no wait for the GPU a step
+    hist = {"und": stepmetrics.Metrics(), "gen": stepmetrics.Metrics()}
+    diag, t_log = stepmetrics.Metrics(), time.perf_counter()
     for step in range(1, args.joint_steps + 1):
         for gr in opt.param_groups:
             gr["lr"] = args.joint_lr * min(1.0, step / 10)
