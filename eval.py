@@ -278,6 +278,22 @@ def compare_table(rows):
 
 
 
+def headline(rows):
+    """The comparison in one sentence, from its own numbers: what DPO and mDPO did to hallucination
+    (bias CHAIR_i) and to how much of the scene a caption covers (bias Cover), against SFT. A method
+    'says less' if its Cover fell by more than 0.05, 'keeps Cover' within 0.02 (means over seeds)."""
+    mean = {name: {c: sum(r["bias"][c] for r in rs) / len(rs) for c in ("CHAIR_i", "Cover")} for name, rs in rows.items()}
+    sft = mean["sft"]
+    parts = [f"SFT hallucinates {sft['CHAIR_i']:.3f} of the objects it names (bias CHAIR_i; Cover {sft['Cover']:.3f})"]
+    for name, label in (("dpo", "DPO"), ("mdpo", "mDPO"), ("dama", "DAMA")):
+        if name in mean:
+            m, drop = mean[name], sft["Cover"] - mean[name]["Cover"]
+            how = "by saying less" if drop > 0.05 else "and keeps Cover" if abs(drop) <= 0.02 else "and loses some Cover"
+            verb = "lowers it" if m["CHAIR_i"] < sft["CHAIR_i"] else "does not lower it"
+            parts.append(f"{label} {verb} to {m['CHAIR_i']:.3f} {how} (Cover {m['Cover']:.3f})")
+    return "; ".join(parts) + "."
+
+
 def rebuild_comparison(out_dir, args):
     """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
     rows, stats = {}, None

@@ -341,7 +341,7 @@ def compare(args):
     with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
     sft = os.path.join(args.out_dir, "sft.pt")
     # (row, method, flags): every method at the run's settings, then the remedies' rows
-    wanted = [(m, m, {}) for m in (METHODS if args.method == "all" else [args.method])]
+    wanted = [(m, m, {}) for m in (METHODS if args.method == "all" else args.method.split(","))]
     wanted += [(row, m, flags) for row, (m, flags) in REMEDY_ROWS.items() if args.method == "all"]
     seeds = [args.seed + i for i in range(args.pref_seeds)]
     stats = world.training_statistics(cooc=args.cooc)
@@ -379,12 +379,13 @@ def compare(args):
     if not dist.is_main():
         return None
     rows = {row: rows[row] for row in ["sft"] + [w[0] for w in wanted]}   # in the table's order
-    table = evaluation.compare_table(rows)
+    table = evaluation.headline(rows) + "\n\n" + evaluation.compare_table(rows)
     seconds = time.perf_counter() - t0
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
             f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
-            f"lr {args.pref_lr}, sft_weight {args.sft_weight}, sft_mix {args.sft_mix}; the rows '+ NLL' and '+ SFT mix' "
-            f"add a remedy for the alignment tax | {args.eval_n} held-out scenes per split | {args.device} | "
+            f"lr {args.pref_lr}, sft_weight {args.sft_weight}, sft_mix {args.sft_mix}"
+            + ("; the rows '+ NLL' and '+ SFT mix' add a remedy for the alignment tax" if args.method == "all" else "")
+            + f" | {args.eval_n} held-out scenes per split | {args.device} | "
             f"{seconds:.0f} s\n\n")
     write_atomic(os.path.join(args.out_dir, "compare.md"), head + table)
     write_atomic(os.path.join(args.out_dir, "compare.json"), json.dumps(

@@ -343,8 +343,12 @@ def write(out_dir):
     """out_dir/report.md, report.json and curves.png from the stages' outputs in out_dir."""
     run = read_json(_need(out_dir, "run.json", "all"))
     sft = file_digest(_need(out_dir, "sft.pt", "sft"))
+    # the sections of the stages this run's preset runs (--preset tiny: not the joint study and probes)
+    planned = run["stages"].get("all", {}).get("settings", {}).get("stages")
+    sections = [sec for sec in SECTIONS if planned is None or sec[1] in planned.split(",")
+                or os.path.exists(os.path.join(out_dir, sec[0] + ".json"))]
     results, md = {}, {}
-    for stem, stage, _ in SECTIONS:
+    for stem, stage, _ in sections:
         results[stem] = read_json(_need(out_dir, stem + ".json", stage))
         with open(_need(out_dir, stem + ".md", stage)) as f:
             md[stem] = f.read().strip()
@@ -353,7 +357,7 @@ def write(out_dir):
             raise Refused(f"error: {os.path.join(out_dir, stem + '.json')} was made from another SFT model "
                              f"(digest {made_from}; {os.path.join(out_dir, 'sft.pt')} is {sft}): "
                              f"rerun `python train.py --stage {stage}`")
-    curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"], results["study"]["curves"])
+    curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"], results.get("study", {}).get("curves", {}))
     stages = run["stages"]
     if not stages:
         raise Refused(f"error: {os.path.join(out_dir, 'run.json')} records no finished stage; run `python train.py` first")
@@ -377,14 +381,19 @@ def write(out_dir):
     if len(commits) > 1:
         lines += ["", "The stages were run at different commits: "
                   + "; ".join(f"{k} {v['commit']}" for k, v in stages.items()) + "."]
-    for stem, _, title in SECTIONS:
+    for stem, stage, title in SECTIONS:
+        if stem not in md:
+            lines += ["", f"## {title}", "", f"Not part of preset `{head['preset']}`: `python train.py --stage {stage}` "
+                      f"runs it from this SFT model, `python train.py --preset quick` runs every stage."]
+            continue
         lines += ["", f"## {title} (`{stem}.md`)", "", md[stem]]
         if stem == "eval_sft":
             lines += ["", "![held-out images with the model's captions, then prompts with the model's drawings]"
                           "(eval_sft.png)"]
         if stem == "compare":
             lines += ["", "![bias-breaking scenes: SFT and mDPO captions, hallucinated clauses in red](compare.png)",
-                      "", "Training curves (seed 0; the last panel: the joint study's generation DPO row):", "",
+                      "", "Training curves (seed 0" + ("; the last panel: the joint study's generation DPO row"
+                                                          if "study" in md else "") + "):", "",
                       "![logps/chosen, logps/rejected, rewards/margins; generation DPO loss against ln 2](curves.png)"]
     text = "\n".join(lines) + "\n"
     write_atomic(os.path.join(out_dir, "report.md"), text)

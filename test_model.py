@@ -325,6 +325,29 @@ class TestPipeline(unittest.TestCase):
             self.assertIn("resumed at step 3", log)
             self.assertIn("step 5 | loss", log)
 
+    def test_tiny_preset_runs_its_stages_and_reports_the_rest_as_not_run(self):
+        with tempfile.TemporaryDirectory() as d:
+            small = ["--out_dir", d, "--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+                     "--batch_size", "8", "--steps", "3", "--primer", "1", "--und_first", "2", "--eval_n", "4",
+                     "--device", "cpu", "--pairs", "12", "--pref_steps", "2", "--pref_batch", "4"]
+            train.main(["--preset", "tiny"] + small)
+            self.assertFalse(os.path.exists(os.path.join(d, "study.json")))      # tiny: no joint study, no probes
+            with open(os.path.join(d, "compare.md")) as f:
+                compare = f.read()
+            for row in ("| sft |", "| dpo |", "| mdpo |", "| dama |"):
+                self.assertIn(row, compare)
+            self.assertNotIn("| dpo_noimage |", compare)
+            self.assertRegex(compare, r"SFT hallucinates [0-9.]+ of the objects it names .*; DPO .*; mDPO .*; DAMA ")
+            with open(os.path.join(d, "report.md")) as f:
+                text = f.read()
+            self.assertIn("Preset `tiny`", text)
+            self.assertIn("Not part of preset `tiny`: `python train.py --stage joint`", text)
+            self.assertIn("Not part of preset `tiny`: `python train.py --stage probe`", text)
+            self.assertEqual(set(report.read_json(os.path.join(d, "run.json"))["stages"]),
+                             {"tokenizer", "sft", "eval", "pref", "all"})
+            with self.assertRaises(SystemExit):
+                train.main(["--stage", "pref", "--method", "dpo,nonsense"] + small)
+
     def test_bad_input_is_refused(self):
         with tempfile.TemporaryDirectory() as d:
             for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"]):

@@ -46,11 +46,31 @@ import world
 from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
                         set_global_rng_state, writable)
 
-PRESETS = {  # sized for a 2-core CPU (minutes) and for one GPU (minutes)
-    "quick": dict(n_layer=4, n_head=8, n_embd=128, steps=3500, batch_size=48, lr=1e-3, pref_ckpt_every=50),
-    # (a preference run takes seconds on a GPU: no checkpoint of 130 MB in the middle of one)
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, lr=1e-3, pref_ckpt_every=1000),
+# the preset-sized settings (a flag left at None takes its preset's value); 'stages' is what
+# `--stage all` runs (the report follows)
+ALL_STAGES = "tokenizer,sft,eval,pref,joint,probe"
+QUICK = dict(stages=ALL_STAGES, n_layer=3, n_head=8, n_embd=128, steps=3000, batch_size=48, lr=1e-3, primer=500,
+             und_first=1000, method="all", pref_seeds=1, pairs=1000, pref_ckpt_every=50)
+PRESETS = {
+    # a first look, minutes on a laptop CPU: SFT on smaller batches, then SFT against DPO, mDPO and DAMA
+    "tiny": dict(QUICK, stages="tokenizer,sft,eval,pref", batch_size=24, method="dpo,mdpo,dama", pref_ckpt_every=100),
+    # every stage and every row from one SFT model, one preference seed (a 2-core CPU: minutes)
+    "quick": QUICK,
+    # the sizes the findings were first measured at: 4 blocks, 3500 SFT steps, 3 preference seeds per study
+    "full": dict(QUICK, n_layer=4, steps=3500, pref_seeds=3),
+    # one GPU: a wider, deeper model and longer SFT (a preference run takes seconds there: no checkpoint
+    # of 130 MB in the middle of one)
+    "gpu": dict(QUICK, n_layer=6, n_head=6, n_embd=384, steps=4000, batch_size=128, pref_seeds=3, pref_ckpt_every=1000),
 }
+
+
+def from_preset(key):
+    """'from the preset: tiny X, quick Y, ...' for a flag's help."""
+    values = {}
+    for name, p in PRESETS.items():
+        values.setdefault(p[key], []).append(name)
+    return "from the preset: " + ", ".join(f"{'/'.join(names)} {v}" for v, names in values.items())
+
 
 # the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
 STAGES = {
@@ -69,8 +89,10 @@ parser.add_argument("--stage", default="all",
                          + ", ".join(STAGES) + ", or several, comma-separated ('sft,eval,pref'); 'tax' runs the "
                          "alignment-tax sweep; 'tokens' the token-count study (--token_fs, tokens.py); 'report' "
                          "rebuilds out_dir/report.md from the stages' outputs")
-parser.add_argument("--preset", default="auto", choices=["auto", "quick", "gpu"],
-                    help="model and schedule sizes; 'auto' = gpu on CUDA, quick otherwise")
+parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                    help="sizes and stages: 'tiny' a first look (tokenizer, SFT, eval, DPO/mDPO/DAMA), 'quick' "
+                         "every study from one SFT model with one preference seed, 'full' the same with 3, 'gpu' a "
+                         "wider model for one GPU; 'auto' = gpu on CUDA, quick otherwise")
 parser.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
 parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
 parser.add_argument("--sft_seeds", type=int, default=1,
@@ -108,12 +130,12 @@ parser.add_argument("--n_codes", type=int, default=None,
                     help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
 parser.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
 # model (None = from the preset)
-parser.add_argument("--n_layer", type=int, default=None, help="transformer blocks")
-parser.add_argument("--n_head", type=int, default=None, help="attention heads")
-parser.add_argument("--n_embd", type=int, default=None, help="embedding width")
+parser.add_argument("--n_layer", type=int, default=None, help=f"transformer blocks ({from_preset('n_layer')})")
+parser.add_argument("--n_head", type=int, default=None, help=f"attention heads ({from_preset('n_head')})")
+parser.add_argument("--n_embd", type=int, default=None, help=f"embedding width ({from_preset('n_embd')})")
 # sft
-parser.add_argument("--steps", type=int, default=None, help="SFT optimizer steps")
-parser.add_argument("--batch_size", type=int, default=None, help="sequences per step")
+parser.add_argument("--steps", type=int, default=None, help=f"SFT optimizer steps ({from_preset('steps')})")
+parser.add_argument("--batch_size", type=int, default=None, help=f"sequences per SFT step ({from_preset('batch_size')})")
 parser.add_argument("--und_frac", type=float, default=0.75,
                     help="fraction of each SFT batch that is understanding (the rest is generation)")
 parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
@@ -121,11 +143,13 @@ parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", 
                          "or captions and short questions equally (see sft_loss)")
 parser.add_argument("--turns", type=int, default=4,
                     help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
-parser.add_argument("--primer", type=int, default=500,
-                    help="SFT steps at the start that ask only colour, count and yes/no questions (no captions)")
-parser.add_argument("--und_first", type=int, default=1000,
-                    help="SFT steps at the start (primer included) that train only understanding; generation joins after")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+parser.add_argument("--primer", type=int, default=None,
+                    help="SFT steps at the start that ask only colour, count and yes/no questions, no captions "
+                         f"({from_preset('primer')})")
+parser.add_argument("--und_first", type=int, default=None,
+                    help="SFT steps at the start (primer included) that train only understanding; generation "
+                         f"joins after ({from_preset('und_first')})")
+parser.add_argument("--lr", type=float, default=None, help=f"peak SFT learning rate, AdamW ({from_preset('lr')})")
 parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
 parser.add_argument("--decay", type=float, default=0.2,
                     help="last fraction of the SFT steps over which the lr decays to 10%% (1 = cosine over the whole run)")
@@ -148,10 +172,12 @@ parser.add_argument("--eval_n", type=int, default=200, help="examples per task a
 parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples (fixed across runs)")
 parser.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
 # preference optimisation (stage pref; the comparison runs every method)
-parser.add_argument("--method", default="all", choices=["all"] + list(pref.METHODS),
-                    help="preference method of stage pref; 'all' runs the comparison (every method x --pref_seeds)")
-parser.add_argument("--pref_seeds", type=int, default=3, help="seeds of the comparison")
-parser.add_argument("--pairs", type=int, default=1000, help="preference pairs per seed")
+parser.add_argument("--method", default=None,
+                    help="preference methods of stage pref, comma-separated from " + ", ".join(pref.METHODS)
+                         + "; 'all' = every method and the alignment-tax remedies' rows (" + from_preset("method") + ")")
+parser.add_argument("--pref_seeds", type=int, default=None,
+                    help=f"seeds of each study from one SFT model: pref, joint, probe ({from_preset('pref_seeds')})")
+parser.add_argument("--pairs", type=int, default=None, help=f"preference pairs per seed ({from_preset('pairs')})")
 parser.add_argument("--onpolicy", type=float, default=0.5,
                     help="fraction of pairs sampled from the SFT model and judged (the rest are constructed)")
 parser.add_argument("--exists_frac", type=float, default=0.2,
@@ -162,8 +188,8 @@ parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA b
 parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
 parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
 parser.add_argument("--pref_ckpt_every", type=int, default=None,
-                    help="steps between checkpoints of a preference run (what --resume continues; from the preset: "
-                         "quick 50, gpu 1000)")
+                    help="steps between checkpoints of a preference run, what --resume continues "
+                         f"({from_preset('pref_ckpt_every')})")
 parser.add_argument("--pref_lr", type=float, default=1e-5,
                     help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
                          "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
@@ -216,8 +242,11 @@ def resolve(args):
     if args.preset == "auto":
         args.preset = "gpu" if args.device.startswith("cuda") else "quick"
     for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
+        if getattr(args, k, None) is None:
             setattr(args, k, v)
+    unknown = [m for m in args.method.split(",") if m not in pref.METHODS] if args.method != "all" else []
+    if unknown:
+        parser.error(f"--method {args.method}: unknown method {unknown[0]!r}; choose all or from " + ", ".join(pref.METHODS))
     if args.n_codes is None and args.stage != "tokens":   # (the token-count study's worlds are all VQ-VAE ones)
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.workers is None:
@@ -286,7 +315,7 @@ def pipeline(args, runs, argv):
     every model's early stages). Under torchrun the ranks meet at a barrier after each stage while a
     data-parallel stage is still to come (it reads what rank 0 wrote), and the other ranks are done
     after the last one."""
-    wanted = list(STAGES) if args.stage == "all" else args.stage.split(",")
+    wanted = (args.stages if args.stage == "all" else args.stage).split(",")
     jobs = [(name, k) for name in STAGES if name in wanted for k in range(len(runs))]
     t0, kept = time.perf_counter(), set()
     rng = {}                # each run's global generators, as they would be had it run alone
