@@ -277,7 +277,6 @@ def compare_table(rows):
                       [f"{s} {c}" for s, c in COMPARE_COLS], first="method")
 
 
-
 def headline(rows):
     """The comparison in one sentence, from its own numbers: what DPO and mDPO did to hallucination
     (bias CHAIR_i) and to how much of the scene a caption covers (bias Cover), against SFT. A method

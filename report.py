@@ -51,8 +51,6 @@ def mean_std(values):
     return "-" if len(v) == 0 else f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}"
 
 
-
-
 def sft_markdown(res):
     und_cols = ["colour", "shape", "count", "exists", "answer_acc", "caption_exact", "caption_obj_precision",
                 "caption_obj_recall", "caption_CHAIR_i", "caption_CHAIR_s", "caption_Cover"]
@@ -93,8 +91,6 @@ def picture(path, captions, drawings, scale=5):
         text(side + 2 * pad, y + 4, f"[{ex.task}] prompt: " + " ".join(ex.question))
         text(side + 2 * pad, y + 4 + 14 * 4, "judge: " + ("correct" if ok else "WRONG"))
     canvas.save(path)
-
-
 
 
 def compare_picture(path, sft_samples, pref_samples, name="mDPO", scale=5):
@@ -332,10 +328,8 @@ def read_json(path):
 
 
 def _need(out_dir, name, stage):
-    path = os.path.join(out_dir, name)
-    if not os.path.exists(path):
-        raise Refused(f"error: {path} is missing; run `python train.py --stage {stage}` "
-                         f"(or the whole `python train.py`) first")
+    if not os.path.exists(path := os.path.join(out_dir, name)):
+        raise Refused(f"error: {path} is missing; run `python train.py --stage {stage}` (or the whole `python train.py`) first")
     return path
 
 
@@ -343,12 +337,12 @@ def write(out_dir):
     """out_dir/report.md, report.json and curves.png from the stages' outputs in out_dir."""
     run = read_json(_need(out_dir, "run.json", "all"))
     sft = file_digest(_need(out_dir, "sft.pt", "sft"))
-    # the sections of the stages this run's preset runs (--preset tiny: not the joint study and probes)
-    planned = run["stages"].get("all", {}).get("settings", {}).get("stages")
-    sections = [sec for sec in SECTIONS if planned is None or sec[1] in planned.split(",")
-                or os.path.exists(os.path.join(out_dir, sec[0] + ".json"))]
+    # the stages of this run's preset (--preset tiny: no joint study, no probes) and any that ran since
+    planned = run["stages"].get("all", {}).get("settings", {}).get("stages", ",".join(s[1] for s in SECTIONS))
     results, md = {}, {}
-    for stem, stage, _ in sections:
+    for stem, stage, _ in SECTIONS:
+        if stage not in planned.split(",") and not os.path.exists(os.path.join(out_dir, stem + ".json")):
+            continue
         results[stem] = read_json(_need(out_dir, stem + ".json", stage))
         with open(_need(out_dir, stem + ".md", stage)) as f:
             md[stem] = f.read().strip()
@@ -382,18 +376,16 @@ def write(out_dir):
         lines += ["", "The stages were run at different commits: "
                   + "; ".join(f"{k} {v['commit']}" for k, v in stages.items()) + "."]
     for stem, stage, title in SECTIONS:
-        if stem not in md:
-            lines += ["", f"## {title}", "", f"Not part of preset `{head['preset']}`: `python train.py --stage {stage}` "
-                      f"runs it from this SFT model, `python train.py --preset quick` runs every stage."]
-            continue
-        lines += ["", f"## {title} (`{stem}.md`)", "", md[stem]]
+        lines += ["", f"## {title} (`{stem}.md`)", "", md[stem]] if stem in md else [
+            "", f"## {title}", "", f"Not part of preset `{head['preset']}`: `python train.py --stage {stage}` runs it "
+            f"from this SFT model, `python train.py --preset quick` runs every stage."]
         if stem == "eval_sft":
             lines += ["", "![held-out images with the model's captions, then prompts with the model's drawings]"
                           "(eval_sft.png)"]
         if stem == "compare":
             lines += ["", "![bias-breaking scenes: SFT and mDPO captions, hallucinated clauses in red](compare.png)",
-                      "", "Training curves (seed 0" + ("; the last panel: the joint study's generation DPO row"
-                                                          if "study" in md else "") + "):", "",
+                      "", "Training curves (seed 0" + ("; the last panel: the joint study's generation DPO row)"
+                                                          if "study" in md else ")") + ":", "",
                       "![logps/chosen, logps/rejected, rewards/margins; generation DPO loss against ln 2](curves.png)"]
     text = "\n".join(lines) + "\n"
     write_atomic(os.path.join(out_dir, "report.md"), text)

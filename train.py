@@ -46,10 +46,19 @@ import world
 from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
                         set_global_rng_state, writable)
 
+# the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
+STAGES = {
+    "tokenizer": sft.train_tokenizer,
+    "sft": sft.train_sft,
+    "eval": lambda args: evaluation.run(os.path.join(args.out_dir, "sft.pt"), args),
+    "pref": pref.compare,
+    "joint": joint.study,
+    "probe": probes.study,
+}
+
 # the preset-sized settings (a flag left at None takes its preset's value); 'stages' is what
 # `--stage all` runs (the report follows)
-ALL_STAGES = "tokenizer,sft,eval,pref,joint,probe"
-QUICK = dict(stages=ALL_STAGES, n_layer=3, n_head=8, n_embd=128, steps=3000, batch_size=48, lr=1e-3, primer=500,
+QUICK = dict(stages=",".join(STAGES), n_layer=3, n_head=8, n_embd=128, steps=3000, batch_size=48, lr=1e-3, primer=500,
              und_first=1000, method="all", pref_seeds=1, pairs=1000, pref_ckpt_every=50)
 PRESETS = {
     # a first look, minutes on a laptop CPU: SFT on smaller batches, then SFT against DPO, mDPO and DAMA
@@ -72,16 +81,6 @@ def from_preset(key):
     return "from the preset: " + ", ".join(f"{'/'.join(names)} {v}" for v, names in values.items())
 
 
-# the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
-STAGES = {
-    "tokenizer": sft.train_tokenizer,
-    "sft": sft.train_sft,
-    "eval": lambda args: evaluation.run(os.path.join(args.out_dir, "sft.pt"), args),
-    "pref": pref.compare,
-    "joint": joint.study,
-    "probe": probes.study,
-}
-
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # run
 parser.add_argument("--stage", default="all",
@@ -91,8 +90,9 @@ parser.add_argument("--stage", default="all",
                          "rebuilds out_dir/report.md from the stages' outputs")
 parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
                     help="sizes and stages: 'tiny' a first look (tokenizer, SFT, eval, DPO/mDPO/DAMA), 'quick' "
-                         "every study from one SFT model with one preference seed, 'full' the same with 3, 'gpu' a "
-                         "wider model for one GPU; 'auto' = gpu on CUDA, quick otherwise")
+                         "every study from one SFT model with one preference seed, 'full' every study at the sizes the "
+                         "findings were first measured at, 'gpu' a wider model for one GPU; 'auto' = gpu on CUDA, "
+                         "quick otherwise")
 parser.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
 parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
 parser.add_argument("--sft_seeds", type=int, default=1,
