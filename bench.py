@@ -100,35 +100,11 @@ def timed(fn, device, seconds, warmup=2):
     return times, (model.WORK["flops"] - flops) / len(times)
 
 
-def matmul_times(device, dtype, n, seconds, per_batch=10):
-    """Seconds a (n, n) @ (n, n) product, one entry per timed batch of products (CUDA) or product (CPU)."""
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))   # random: zeros may run faster
-    for _ in range(3):
-        a @ b
-    sync(device)
-    times, end = [], time.perf_counter() + seconds
-    while len(times) < 3 or time.perf_counter() < end:
-        if torch.device(device).type == "cuda":   # events read the GPU's own clock: no launch or host time
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(per_batch):
-                a @ b
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1000 / per_batch)   # (elapsed_time is in ms)
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def peak_flops(device, dtype, n=None, seconds=1.0):
     """This device's matmul rate in `dtype` ('bfloat16', 'float32' or a torch dtype), FLOP/s: 2 n^3 over
     the fastest product; n = 8192 on CUDA (smaller products leave a big GPU partly idle), 1024 otherwise."""
     n = n or (8192 if torch.device(device).type == "cuda" else 1024)
-    return 2 * n ** 3 / min(matmul_times(device, dtype, n, seconds))
+    return 2 * n ** 3 / min(sft.matmul_times(device, dtype, n, seconds))
 
 
 def make_tokenizer(args, out_dir):
@@ -211,7 +187,7 @@ def main(argv=None):
               f"{gpt.n_params / 1e6:.2f}M parameters | {seconds:g} s a unit", flush=True)
         print(f"{'unit':<22} {'ms/call':>10} {'min ms':>10} {'tokens/s':>11} {'util':>7}  notes", flush=True)
 
-        times = matmul_times(dev, args.dtype, peak_n, seconds)   # the denominator: measured even if not shown
+        times = sft.matmul_times(dev, args.dtype, peak_n, seconds)   # the denominator: measured even if not shown
         res["peak_flops"] = 2 * peak_n ** 3 / min(times)
         if "peak" in units:
             row("peak", times, notes=f"{res['peak_flops'] / 1e12:.3f} TFLOP/s {args.dtype}, n = {peak_n}")

@@ -210,31 +210,42 @@ def adamw(params, lr, device, weight_decay=0.0):
                              fused=torch.device(device).type in ("cuda", "cpu"))
 
 
+def matmul_times(device, dtype, n, seconds, per_batch=10):
+    """Seconds per (n, n) @ (n, n) product in `dtype` (a name or a torch dtype), one entry per timed
+    batch of `per_batch` products on CUDA (timed by the device's own clock, CUDA events: no launch or
+    host time) or per product elsewhere; at least 3 entries, and as many as `seconds` allows."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cuda = torch.device(device).type == "cuda"
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))   # random: zeros may run faster
+    for _ in range(3):   # warm-up: the library picks its kernel, the clocks rise
+        a @ b
+    if cuda:
+        torch.cuda.synchronize(device)
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < end:
+        if cuda:
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_batch):
+                a @ b
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1000 / per_batch)   # (elapsed_time is in ms)
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def matmul_peak_flops(device, dtype="float32", n=None, seconds=1.0):
     """This machine's measured matmul throughput in the training dtype, FLOP/s (the denominator of
     MFU): a bf16 run on a GPU is measured against its tensor cores, not its fp32 units. n x n random
     matrices, n = 8192 on a GPU (smaller ones measure how fast products can be launched, not done),
-    1024 on a CPU; on a GPU timed by the device's own clock (CUDA events) over batches of 10."""
-    cuda = device.startswith("cuda")
-    n = n or (8192 if cuda else 1024)
-    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, dtype)) for _ in range(2))
-    for _ in range(3):   # warm-up: the library picks its kernel, the clocks rise
-        a @ b
-    done, spent = 0, 0.0
-    while spent < seconds or done < 10:
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                a @ b
-            end.record()
-            end.synchronize()
-            spent, done = spent + start.elapsed_time(end) / 1000, done + 10
-        else:
-            t0 = time.perf_counter()
-            a @ b
-            spent, done = spent + time.perf_counter() - t0, done + 1
-    return 2 * n ** 3 * done / spent
+    1024 on a CPU; the mean rate over `seconds` of products (bench.py reports the fastest one too)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 1024)
+    times = matmul_times(device, dtype, n, seconds)
+    return 2 * n ** 3 * len(times) / sum(times)
 
 
 def sft_lr(step, args):

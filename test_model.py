@@ -272,6 +272,20 @@ class TestSFTSchedule(unittest.TestCase):
             self.assertAlmostEqual(sft.sft_lr(step, args), 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * step / 1000))))
 
 
+class TestHelp(unittest.TestCase):
+    def test_help_groups_the_flags_and_shows_every_default(self):
+        text = train.parser.format_help()
+        groups = [ln for ln in text.splitlines() if ln and not ln.startswith(" ") and ln.endswith(":")]
+        self.assertGreaterEqual(len(groups) - 1, 6, groups)                  # (less 'options:', the -h group)
+        self.assertIn("--beta BETA", text)
+        self.assertRegex(text, r"--beta BETA +DPO / mDPO / DAMA beta \(default: 0.1\)")
+        self.assertRegex(text, r"--seed SEED .*\(default: 0\)")                     # a default of 0 is shown too
+        self.assertRegex(text.replace("\n", " "), r"--steps STEPS +SFT optimizer steps \(from the preset: tiny/quick 3000")
+        for action in train.parser._actions:                                # every flag says its default or its source
+            if action.default is None and action.help:
+                self.assertTrue("preset" in action.help or "default" in action.help, action.option_strings)
+
+
 class TestPipeline(unittest.TestCase):
     """Every stage end to end for a few steps, then resume, then bad input."""
 

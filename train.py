@@ -81,150 +81,160 @@ def from_preset(key):
     return "from the preset: " + ", ".join(f"{'/'.join(names)} {v}" for v, names in values.items())
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-# run
-parser.add_argument("--stage", default="all",
-                    help="which stage(s) to run: 'all' runs every stage in order, then writes the report; or one of "
-                         + ", ".join(STAGES) + ", or several, comma-separated ('sft,eval,pref'); 'tax' runs the "
-                         "alignment-tax sweep; 'tokens' the token-count study (--token_fs, tokens.py); 'report' "
-                         "rebuilds out_dir/report.md from the stages' outputs")
-parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
-                    help="sizes and stages: 'tiny' a first look (tokenizer, SFT, eval, DPO/mDPO/DAMA), 'quick' "
-                         "every study from one SFT model with one preference seed, 'full' every study at the sizes the "
-                         "findings were first measured at, 'gpu' a wider model for one GPU; 'auto' = gpu on CUDA, "
-                         "quick otherwise")
-parser.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
-parser.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
-parser.add_argument("--sft_seeds", type=int, default=1,
-                    help="SFT models (seeds --seed ... --seed + N - 1) to run every stage from; N > 1 puts each in "
-                         "out_dir/sft<k> and reports all of them, mean +- std over every SFT x preference seed")
-parser.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (in that order)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="autocast dtype; auto = bfloat16 on CUDA that supports it, else float32")
-parser.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run: stage sft from out_dir/sft.pt; with --stage all, stages that "
-                         "finished with the same settings and code are kept and the interrupted one continues or restarts")
-# world
-parser.add_argument("--cooc", type=float, default=world.COOC,
-                    help="probability that an anchor object's companion joins a training scene")
-parser.add_argument("--caption_noise", type=float, default=1.0,
-                    help="fraction of bias-breaking training captions that mention the absent companion")
-# tokenizer
-parser.add_argument("--tokenizer", default="patch", choices=["patch", "vq"],
-                    help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
-                         "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
-                         "every preset defaults to patch: no model has yet been shown to draw at 64 tokens (FINDINGS.md)")
-parser.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
-                    help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
-                         "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
-parser.add_argument("--vq_steps", type=int, default=2000, help="VQ-VAE training steps (1000 left 1.6-2.1%% of round trips inexact)")
-parser.add_argument("--vq_batch", type=int, default=64, help="fresh training renders per VQ-VAE step")
-parser.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE learning rate (AdamW, no weight decay)")
-parser.add_argument("--token_fs", default="patch,4,3",
-                    help="stage tokens: the tokenizers to compare, comma-separated: 'patch' (9 tokens an image) or "
-                         "a VQ-VAE factor (4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
-parser.add_argument("--patch", type=int, default=8, choices=[4, 8],
-                    help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
-                         "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
-parser.add_argument("--n_codes", type=int, default=None,
-                    help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
-parser.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
-# model (None = from the preset)
-parser.add_argument("--n_layer", type=int, default=None, help=f"transformer blocks ({from_preset('n_layer')})")
-parser.add_argument("--n_head", type=int, default=None, help=f"attention heads ({from_preset('n_head')})")
-parser.add_argument("--n_embd", type=int, default=None, help=f"embedding width ({from_preset('n_embd')})")
-# sft
-parser.add_argument("--steps", type=int, default=None, help=f"SFT optimizer steps ({from_preset('steps')})")
-parser.add_argument("--batch_size", type=int, default=None, help=f"sequences per SFT step ({from_preset('batch_size')})")
-parser.add_argument("--und_frac", type=float, default=0.75,
-                    help="fraction of each SFT batch that is understanding (the rest is generation)")
-parser.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
-                    help="how SFT weighs understanding examples: by answer tokens, each task equally, "
-                         "or captions and short questions equally (see sft_loss)")
-parser.add_argument("--turns", type=int, default=4,
-                    help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
-parser.add_argument("--primer", type=int, default=None,
-                    help="SFT steps at the start that ask only colour, count and yes/no questions, no captions "
-                         f"({from_preset('primer')})")
-parser.add_argument("--und_first", type=int, default=None,
-                    help="SFT steps at the start (primer included) that train only understanding; generation "
-                         f"joins after ({from_preset('und_first')})")
-parser.add_argument("--lr", type=float, default=None, help=f"peak SFT learning rate, AdamW ({from_preset('lr')})")
-parser.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-parser.add_argument("--decay", type=float, default=0.2,
-                    help="last fraction of the SFT steps over which the lr decays to 10%% (1 = cosine over the whole run)")
-parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-parser.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
-parser.add_argument("--cfg_drop", type=float, default=0.1,
-                    help="fraction of generation examples trained without their prompt (for CFG)")
-parser.add_argument("--workers", type=int, default=None, choices=[0, 1],
-                    help="processes that build SFT batches while the device trains (default: 1 on CUDA with "
-                         "--tokenizer patch, else 0: on a CPU the worker would take a core from the training, and "
-                         "a VQ-VAE encodes faster on the GPU than in a worker); the batches are the same either way")
-parser.add_argument("--log_every", type=int, default=50, help="steps between log lines")
-parser.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints")
-parser.add_argument("--curve_every", type=int, default=0,
-                    help="steps between points of the SFT learning curve (answer accuracy, GenEval at T=0, bias "
-                         "CHAIR_i; out_dir/sft_curve.json); 0 = none")
-parser.add_argument("--curve_n", type=int, default=50, help="held-out examples per task of a learning-curve point")
-# eval
-parser.add_argument("--eval_n", type=int, default=200, help="examples per task and split in eval")
-parser.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples (fixed across runs)")
-parser.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
-# preference optimisation (stage pref; the comparison runs every method)
-parser.add_argument("--method", default=None,
+class Help(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default that is not None (a None default
+    comes from the preset or from other flags, and its help says which)."""
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if all(action.default is not v for v in (None, False, argparse.SUPPRESS)) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+g_run = parser.add_argument_group("run", "what runs, where, and where its outputs go")
+g_run.add_argument("--stage", default="all",
+                   help="which stage(s) to run: 'all' runs every stage in order, then writes the report; or one of "
+                        + ", ".join(STAGES) + ", or several, comma-separated ('sft,eval,pref'); 'tax' runs the "
+                        "alignment-tax sweep; 'tokens' the token-count study (--token_fs, tokens.py); 'report' "
+                        "rebuilds out_dir/report.md from the stages' outputs")
+g_run.add_argument("--preset", default="auto", choices=["auto", *PRESETS],
+                   help="sizes and stages: 'tiny' a first look (tokenizer, SFT, eval, SFT vs DPO/mDPO/DAMA), "
+                        "'quick' every study from one SFT model with one preference seed, 'full' every study at the "
+                        "sizes the findings were first measured at (4 blocks, 3500 SFT steps, 3 preference seeds), "
+                        "'gpu' a wider model for one GPU; 'auto' = gpu on CUDA, quick otherwise")
+g_run.add_argument("--out_dir", default="out", help="where checkpoints, logs and results go")
+g_run.add_argument("--seed", type=int, default=0, help="seed for python, numpy and torch")
+g_run.add_argument("--sft_seeds", type=int, default=1,
+                   help="SFT models (seeds --seed ... --seed + N - 1) to run every stage from; N > 1 puts each in "
+                        "out_dir/sft<k> and reports all of them, mean +- std over every SFT x preference seed")
+g_run.add_argument("--device", default="auto", help="cuda, mps, cpu, or auto (in that order)")
+g_run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bfloat16 on CUDA that supports it, else float32")
+g_run.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run: stage sft from out_dir/sft.pt; with --stage all, stages that "
+                        "finished with the same settings and code are kept and the interrupted one continues or restarts")
+g_world = parser.add_argument_group("world", "the synthetic world's bias")
+g_world.add_argument("--cooc", type=float, default=world.COOC,
+                     help="probability that an anchor object's companion joins a training scene")
+g_world.add_argument("--caption_noise", type=float, default=1.0,
+                     help="fraction of bias-breaking training captions that mention the absent companion")
+g_tok = parser.add_argument_group("tokenizer", "how an image becomes tokens")
+g_tok.add_argument("--tokenizer", default="patch", choices=["patch", "vq"],
+                   help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
+                        "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
+                        "every preset defaults to patch: no model has yet been shown to draw at 64 tokens (FINDINGS.md)")
+g_tok.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
+                   help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
+                        "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
+g_tok.add_argument("--vq_steps", type=int, default=2000, help="VQ-VAE training steps")
+g_tok.add_argument("--vq_batch", type=int, default=64, help="fresh training renders per VQ-VAE step")
+g_tok.add_argument("--vq_lr", type=float, default=2e-3, help="VQ-VAE learning rate (AdamW, no weight decay)")
+g_tok.add_argument("--token_fs", default="patch,4,3",
+                   help="stage tokens: the tokenizers to compare, comma-separated: 'patch' (9 tokens an image) or "
+                        "a VQ-VAE factor (4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
+g_tok.add_argument("--patch", type=int, default=8, choices=[4, 8],
+                   help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
+                        "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
+g_tok.add_argument("--n_codes", type=int, default=None,
+                   help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
+g_tok.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
+g_model = parser.add_argument_group("model")
+g_model.add_argument("--n_layer", type=int, default=None, help=f"transformer blocks ({from_preset('n_layer')})")
+g_model.add_argument("--n_head", type=int, default=None, help=f"attention heads ({from_preset('n_head')})")
+g_model.add_argument("--n_embd", type=int, default=None, help=f"embedding width ({from_preset('n_embd')})")
+g_sft = parser.add_argument_group("SFT", "supervised fine-tuning of understanding and generation (stage sft)")
+g_sft.add_argument("--steps", type=int, default=None, help=f"SFT optimizer steps ({from_preset('steps')})")
+g_sft.add_argument("--batch_size", type=int, default=None, help=f"sequences per SFT step ({from_preset('batch_size')})")
+g_sft.add_argument("--und_frac", type=float, default=0.75,
+                   help="fraction of each SFT batch that is understanding (the rest is generation)")
+g_sft.add_argument("--und_loss", default="tokens", choices=["tokens", "tasks", "groups"],
+                   help="how SFT weighs understanding examples: by answer tokens, each task equally, "
+                        "or captions and short questions equally (see sft_loss)")
+g_sft.add_argument("--turns", type=int, default=4,
+                   help="questions asked about each image in an SFT understanding sequence (captions: always 1)")
+g_sft.add_argument("--primer", type=int, default=None,
+                   help="SFT steps at the start that ask only colour, count and yes/no questions, no captions "
+                        f"({from_preset('primer')})")
+g_sft.add_argument("--und_first", type=int, default=None,
+                   help="SFT steps at the start (primer included) that train only understanding; generation "
+                        f"joins after ({from_preset('und_first')})")
+g_sft.add_argument("--lr", type=float, default=None, help=f"peak SFT learning rate, AdamW ({from_preset('lr')})")
+g_sft.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+g_sft.add_argument("--decay", type=float, default=0.2,
+                   help="last fraction of the SFT steps over which the lr decays to 10%% (1 = cosine over the whole run)")
+g_sft.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+g_sft.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+g_sft.add_argument("--cfg_drop", type=float, default=0.1,
+                   help="fraction of generation examples trained without their prompt (for CFG)")
+g_sft.add_argument("--workers", type=int, default=None, choices=[0, 1],
+                   help="processes that build SFT batches while the device trains (default: 1 on CUDA with "
+                        "--tokenizer patch, else 0: on a CPU the worker would take a core from the training, and "
+                        "a VQ-VAE encodes faster on the GPU than in a worker); the batches are the same either way")
+g_sft.add_argument("--log_every", type=int, default=50, help="steps between log lines")
+g_sft.add_argument("--ckpt_every", type=int, default=500, help="steps between checkpoints")
+g_sft.add_argument("--curve_every", type=int, default=0,
+                   help="steps between points of the SFT learning curve (answer accuracy, GenEval at T=0, bias "
+                        "CHAIR_i; out_dir/sft_curve.json); 0 = none")
+g_sft.add_argument("--curve_n", type=int, default=50, help="held-out examples per task of a learning-curve point")
+g_eval = parser.add_argument_group("evaluation")
+g_eval.add_argument("--eval_n", type=int, default=200, help="examples per task and split in eval")
+g_eval.add_argument("--eval_seed", type=int, default=1234, help="seed of the evaluation examples (fixed across runs)")
+g_eval.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
+g_pref = parser.add_argument_group("preference (stage pref)", "DPO, mDPO, DAMA and the controls on understanding")
+g_pref.add_argument("--method", default=None,
                     help="preference methods of stage pref, comma-separated from " + ", ".join(pref.METHODS)
                          + "; 'all' = every method and the alignment-tax remedies' rows (" + from_preset("method") + ")")
-parser.add_argument("--pref_seeds", type=int, default=None,
+g_pref.add_argument("--pref_seeds", type=int, default=None,
                     help=f"seeds of each study from one SFT model: pref, joint, probe ({from_preset('pref_seeds')})")
-parser.add_argument("--pairs", type=int, default=None, help=f"preference pairs per seed ({from_preset('pairs')})")
-parser.add_argument("--onpolicy", type=float, default=0.5,
+g_pref.add_argument("--pairs", type=int, default=None, help=f"preference pairs per seed ({from_preset('pairs')})")
+g_pref.add_argument("--onpolicy", type=float, default=0.5,
                     help="fraction of pairs sampled from the SFT model and judged (the rest are constructed)")
-parser.add_argument("--exists_frac", type=float, default=0.2,
+g_pref.add_argument("--exists_frac", type=float, default=0.2,
                     help="fraction of constructed pairs that answer 'is there a ...?' (the rest are captions)")
-parser.add_argument("--length_matched", action="store_true",
+g_pref.add_argument("--length_matched", action="store_true",
                     help="rejected captions as long as chosen ones (errors replace objects instead of adding them)")
-parser.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
-parser.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
-parser.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
-parser.add_argument("--pref_ckpt_every", type=int, default=None,
+g_pref.add_argument("--beta", type=float, default=0.1, help="DPO / mDPO / DAMA beta")
+g_pref.add_argument("--pref_steps", type=int, default=200, help="preference optimizer steps")
+g_pref.add_argument("--pref_batch", type=int, default=16, help="pairs per preference step")
+g_pref.add_argument("--pref_ckpt_every", type=int, default=None,
                     help="steps between checkpoints of a preference run, what --resume continues "
                          f"({from_preset('pref_ckpt_every')})")
-parser.add_argument("--pref_lr", type=float, default=1e-5,
+g_pref.add_argument("--pref_lr", type=float, default=1e-5,
                     help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
                          "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
-parser.add_argument("--sft_weight", type=float, default=0.0,
+g_pref.add_argument("--sft_weight", type=float, default=0.0,
                     help="alpha of RPO's NLL term on the chosen response, added to every loss of stage pref "
                          "(losses.chosen_nll_loss; TRL's rpo_alpha); logged as nll/chosen")
-parser.add_argument("--sft_mix", type=float, default=0.0,
+g_pref.add_argument("--sft_mix", type=float, default=0.0,
                     help="weight of the SFT loss of one ordinary SFT batch (--pref_batch sequences) added to every "
                          "step of stage pref; logged as sft_mix/loss")
-parser.add_argument("--tax_seeds", type=int, default=1, help="stage tax: seeds per setting")
-parser.add_argument("--tax_bar", type=float, default=0.02,
+g_pref.add_argument("--tax_seeds", type=int, default=1, help="stage tax: seeds per setting")
+g_pref.add_argument("--tax_bar", type=float, default=0.02,
                     help="stage tax: the largest answer-accuracy drop from SFT that still meets the bar")
-# preference optimisation for generation and joint training (stage joint, joint.py; also uses the pref settings)
-parser.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
-parser.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
-parser.add_argument("--gen_k", type=int, default=4, help="images sampled per prompt to build a generation pair")
-parser.add_argument("--gen_temperature", type=float, default=1.0,
-                    help="sampling temperature of generation pairs and of the study's generation scores")
-parser.add_argument("--gen_beta", type=float, default=None,
-                    help="generation beta of the per-task-beta strategy (default: beta * T / N, equal beta x tokens)")
-parser.add_argument("--joint_lr", type=float, default=1e-4,
-                    help="learning rate of the joint study's runs (its findings were measured at 1e-4; "
-                         "its rows train the plain losses, without --sft_weight / --sft_mix)")
-parser.add_argument("--joint_steps", type=int, default=120,
-                    help="optimizer steps of each joint-study run (--pref_batch understanding + --pref_batch generation pairs)")
-parser.add_argument("--joint_eval_n", type=int, default=100, help="held-out examples per task in the joint study's evaluation")
-# does understanding inform generation? reasoning and knowledge probes (stage probe, probes.py; seeds: --pref_seeds)
-parser.add_argument("--probe_steps", type=int, default=600,
-                    help="steps teaching the probes' facts through understanding (half of each batch: ordinary SFT data)")
-parser.add_argument("--probe_lr", type=float, default=3e-4, help="learning rate of the probes' fine-tuning and self-training")
-parser.add_argument("--probe_n", type=int, default=100, help="held-out probe prompts per family")
-parser.add_argument("--self_prompts", type=int, default=1000, help="training probe prompts drawn via CoT for self-training")
-parser.add_argument("--self_steps", type=int, default=200, help="self-training steps on the accepted CoT drawings")
-parser.add_argument("--diag_every", type=int, default=10,
-                    help="steps between gradient diagnostics (every step's gradients are used; this adds the controls)")
+g_joint = parser.add_argument_group("joint study (stage joint)", "preference optimisation of generation, and joint "
+                                    "training with gradient diagnostics; the preference settings apply too")
+g_joint.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
+g_joint.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
+g_joint.add_argument("--gen_k", type=int, default=4, help="images sampled per prompt to build a generation pair")
+g_joint.add_argument("--gen_temperature", type=float, default=1.0,
+                     help="sampling temperature of generation pairs and of the study's generation scores")
+g_joint.add_argument("--gen_beta", type=float, default=None,
+                     help="generation beta of the per-task-beta strategy (default: beta * T / N, equal beta x tokens)")
+g_joint.add_argument("--joint_lr", type=float, default=1e-4,
+                     help="learning rate of the joint study's runs (plain losses: no --sft_weight / --sft_mix)")
+g_joint.add_argument("--joint_steps", type=int, default=120,
+                     help="optimizer steps of each joint-study run (--pref_batch understanding + --pref_batch generation pairs)")
+g_joint.add_argument("--joint_eval_n", type=int, default=100, help="held-out examples per task in the joint study's evaluation")
+g_joint.add_argument("--diag_every", type=int, default=10,
+                     help="steps between gradient diagnostics (every step's gradients are used; this adds the controls)")
+g_probe = parser.add_argument_group("probes (stage probe)", "does understanding inform generation? (seeds: --pref_seeds)")
+g_probe.add_argument("--probe_steps", type=int, default=600,
+                     help="steps teaching the probes' facts through understanding (half of each batch: ordinary SFT data)")
+g_probe.add_argument("--probe_lr", type=float, default=3e-4, help="learning rate of the probes' fine-tuning and self-training")
+g_probe.add_argument("--probe_n", type=int, default=100, help="held-out probe prompts per family")
+g_probe.add_argument("--self_prompts", type=int, default=1000, help="training probe prompts drawn via CoT for self-training")
+g_probe.add_argument("--self_steps", type=int, default=200, help="self-training steps on the accepted CoT drawings")
 
 
 def resolve(args):
