@@ -156,8 +156,10 @@ def claims_table(checked):
     return "\n".join(lines) + "\n"
 
 
-def write(out_dir, n):
-    """out_dir/report.md and report.json over the SFT models in out_dir/sft0 .. sft<n-1>."""
+def gather(out_dir, n):
+    """The inputs of the report over the SFT models in out_dir/sft0 .. sft<n-1>, each checked to come
+    from its directory's SFT model: a dict of plain values (report.json keeps it, so render() can
+    rebuild the report from report.json alone)."""
     dirs = [seed_dir(out_dir, k) for k in range(n)]
     runs, evals, digests, per_model = [], [], [], []
     for d in dirs:
@@ -181,30 +183,45 @@ def write(out_dir, n):
         per_model.append(model)
     if len(set(digests)) < n:
         raise Refused(f"error: two of {', '.join(dirs)} hold the same SFT model; their seeds must differ")
-    seeds = [r["stages"].get("sft", {}).get("seed") for r in runs]
-    commits = sorted({s["commit"] for r in runs for s in r["stages"].values()})
     first = next(iter(runs[0]["stages"].values()))
-    seconds = [sum(v["seconds"] for k, v in r["stages"].items() if k != "all") for r in runs]
+    return {"dirs": [os.path.basename(d) for d in dirs],
+            "seeds": [r["stages"].get("sft", {}).get("seed") for r in runs], "digests": digests,
+            "stages": [k for k in runs[0]["stages"] if k != "all"],
+            "commits": sorted({s["commit"] for r in runs for s in r["stages"].values()}),
+            "device": first["device"], "preset": first["preset"], "dtype": first["dtype"],
+            "seconds": [sum(v["seconds"] for k, v in r["stages"].items() if k != "all") for r in runs],
+            "evals": evals, "per_model": per_model}
+
+
+def pool(per_model):
+    """{stem: {row: every run of that row over the SFT models}} for the stages that ran on any model."""
+    pooled = {}
+    for stem, _, _ in STEMS:
+        for m in per_model:
+            for name, rs in m.get(stem, {}).items():
+                pooled.setdefault(stem, {}).setdefault(name, []).extend(rs)
+    return pooled
+
+
+def render(inputs):
+    """The report's markdown from gather()'s dict."""
+    n, dirs, per_model = len(inputs["dirs"]), inputs["dirs"], inputs["per_model"]
     lines = ["# unipref: report over several SFT models", "",
-             f"`python train.py --sft_seeds {n}` (stages run: {', '.join(k for k in runs[0]['stages'] if k != 'all')}) at commit "
-             f"{', '.join(commits)}. Device: {first['device']}. Preset `{first['preset']}`, dtype {first['dtype']}. "
-             f"{n} SFT models (seeds {', '.join(map(str, seeds))}), each with its own studies in "
-             f"{', '.join(os.path.basename(d) + '/' for d in dirs)}; wall time per SFT model: "
-             + ", ".join(report.duration(s) for s in seconds) + f"; in all {report.duration(sum(seconds))}.", "",
+             f"`python train.py --sft_seeds {n}` (stages run: {', '.join(inputs['stages'])}) at commit "
+             f"{', '.join(inputs['commits'])}. Device: {inputs['device']}. Preset `{inputs['preset']}`, dtype "
+             f"{inputs['dtype']}. {n} SFT models (seeds {', '.join(map(str, inputs['seeds']))}), each with its own "
+             f"studies in {', '.join(d + '/' for d in dirs)}; wall time per SFT model: "
+             + ", ".join(report.duration(s) for s in inputs["seconds"])
+             + f"; in all {report.duration(sum(inputs['seconds']))}.", "",
              "Every table pools all runs: mean ± std over every SFT model x preference seed (the SFT rows: over the "
              "SFT models). Each finding is checked on each SFT model, on the mean over its preference seeds.", "",
              "## Findings", "", claims_table(check_claims(per_model)).rstrip(),
-             "", "## The SFT models", "", sft_table(evals, digests, seeds).rstrip()]
-    pooled = {}
+             "", "## The SFT models", "", sft_table(inputs["evals"], inputs["digests"], inputs["seeds"]).rstrip()]
+    pooled = pool(per_model)
     for stem, _, title in STEMS:
-        ran = [m for m in per_model if stem in m]
-        if not ran:
+        if stem not in pooled:
             continue
-        rows = {}
-        for m in ran:
-            for name, rs in m[stem].items():
-                rows.setdefault(name, []).extend(rs)
-        pooled[stem] = rows
+        rows = pooled[stem]
         if stem == "compare":
             table = evaluation.compare_table(rows)
         elif stem == "study":
@@ -213,19 +230,26 @@ def write(out_dir, n):
         else:
             table = report.seed_table(rows, probes.COLS, heads=probes.HEADS, first="family")
         lines += ["", f"## {title}", ""]
+        ran = [d for d, m in zip(dirs, per_model) if stem in m]
         if len(ran) < n:       # an interrupted run: say which models this section comes from
-            lines += [f"From {len(ran)} of the {n} SFT models (" + ", ".join(
-                os.path.basename(d) for d, m in zip(dirs, per_model) if stem in m) + "): the stage did not finish "
-                "on the others.", ""]
+            lines += [f"From {len(ran)} of the {n} SFT models ({', '.join(ran)}): the stage did not finish on the "
+                      "others.", ""]
         lines += [table.rstrip()]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write(out_dir, n):
+    """out_dir/report.md over the SFT models in out_dir/sft0 .. sft<n-1>, and report.json: the findings,
+    each model's record, and the report's inputs (render(report.json's "inputs") rebuilds report.md)."""
+    inputs = gather(out_dir, n)
+    text = render(inputs)
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(
-        {"sft_models": [{"dir": d, "seed": s, "sft_digest": g, "seconds": t}
-                        for d, s, g, t in zip(dirs, seeds, digests, seconds)],
+        {"sft_models": [{"dir": d, "seed": s, "sft_digest": g, "seconds": t} for d, s, g, t in
+                        zip(inputs["dirs"], inputs["seeds"], inputs["digests"], inputs["seconds"])],
          "findings": [{"claim": c, "holds": [h for h, _ in res], "measured": [v for _, v in res]}
-                      for c, res in check_claims(per_model)],
-         "pooled": pooled}, indent=1))
+                      for c, res in check_claims(inputs["per_model"])],
+         "inputs": inputs}, indent=1))
     print(text)
     print(f"report | {os.path.join(out_dir, 'report.md')} over {n} SFT models")
     return text

@@ -104,8 +104,10 @@ class TestSeveralSftModels(unittest.TestCase):
             self.assertNotIn("## Does understanding inform generation?", md)     # the probe stage did not run
             with open(os.path.join(d, "report.json")) as f:
                 rep = json.load(f)
-            self.assertEqual(len(rep["pooled"]["compare"]["dpo"]), 2)            # 2 SFT models x 1 preference seed
-            self.assertEqual(len(rep["pooled"]["compare"]["sft"]), 2)
+            pooled = seeds.pool(rep["inputs"]["per_model"])
+            self.assertEqual(len(pooled["compare"]["dpo"]), 2)                   # 2 SFT models x 1 preference seed
+            self.assertEqual(len(pooled["compare"]["sft"]), 2)
+            self.assertEqual(seeds.render(rep["inputs"]), md)                    # report.json alone rebuilds it
             # --stage report rebuilds it from the two directories, byte for byte
             train.main(TINY + ["--out_dir", d, "--sft_seeds", "2", "--stage", "report"])
             with open(os.path.join(d, "report.md")) as f:
@@ -132,6 +134,23 @@ class TestSeveralSftModels(unittest.TestCase):
             with self.assertRaises(SystemExit), mock.patch("sys.stderr") as err:
                 train.main(TINY + argv)
             self.assertIn(msg, "".join(c.args[0] for c in err.write.call_args_list), argv)
+
+
+class TestResultsFile(unittest.TestCase):
+    """RESULTS.md is a run's report verbatim; RESULTS.json is that run's report.json. The report is
+    rebuilt from the JSON alone, so the two files, and the code that writes reports, stay in step."""
+
+    def test_results_md_holds_the_report_rebuilt_from_results_json(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        with open(os.path.join(here, "RESULTS.json")) as f:
+            rep = json.load(f)
+        with open(os.path.join(here, "RESULTS.md")) as f:
+            md = f.read()
+        self.assertIn(seeds.render(rep["inputs"]), md)
+        self.assertIn(f"at commit {', '.join(rep['inputs']['commits'])}", md.splitlines()[2])
+        # each finding's "k of N" in the file is the one recomputed from the runs' numbers
+        for c in rep["findings"]:
+            self.assertIn(f"| {c['claim']} | {sum(c['holds'])} of {len(c['holds'])} |", md)
 
 
 if __name__ == "__main__":
