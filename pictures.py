@@ -5,6 +5,7 @@ The pictures of a run, drawn with Pillow alone and sized to be read at README wi
                    the judge found wrong in each (eval.py)
     compare.png    bias-breaking scenes: the SFT and the mDPO captions, wrong clauses marked (pref.py)
     curves.png     the preference runs' training curves, four panels (report.py)
+    headline.png   bias CHAIR_i and Cover per method, the spread as whiskers (report.py, seeds.py)
 
 Text is measured with the font and wrapped between words, never inside one; axes carry round tick
 values (1, 2 or 5 x 10^k). The same inputs give the same bytes: nothing here reads the clock.
@@ -335,3 +336,58 @@ def curves(path, pref_curves, joint_curves):
         line_chart(canvas, (x0, y0, x0 + w, y0 + h), title, y_title, [s for s in series if s[2]], reference)
     canvas.save(path)
 
+
+# -----------------------------------------------------------------------------
+# the headline: hallucination and coverage per method
+
+HEADLINE_METRICS = (("CHAIR_i", "bias CHAIR_i (lower is better)", "named objects not in the scene"),
+                    ("Cover", "bias Cover (higher is better)", "kinds of object in the scene named"))
+
+
+def headline(path, units, whiskers):
+    """headline.png: bias CHAIR_i and bias Cover per comparison row, side by side. units: {row: [[results of
+    one unit], ...]}, a unit being a preference seed or an SFT model, a result a compare.json row. A bar is
+    the mean over all of a row's results (the tables' number); its whiskers run from the lowest to the
+    highest unit mean, where it has several units. `whiskers` says what the units are."""
+    stats = {row: {key: (float(np.mean([r["bias"][key] for u in us for r in u])),
+                         [float(np.mean([r["bias"][key] for r in u])) for u in us]) for key, _, _ in HEADLINE_METRICS}
+             for row, us in units.items()}
+    labels = {row: LABELS.get(row.split(" (")[0], row) for row in units}
+    label_w = int(max(text_width(s) for s in labels.values())) + 2 * PAD
+    notes = [[(f"Bars: the mean over all runs, as in the report's tables; {whiskers}. Dashed: SFT's value.", GREY)]]
+    top = PAD + LINE + 6 + layout(notes, WIDTH - 2 * PAD, SMALL)[1] * LINE + LINE + 8
+    row_h, panel_w = 22, (WIDTH - label_w - 6 * PAD) // 2
+    canvas = Image.new("RGB", (WIDTH, top + row_h * len(units) + 2 * LINE + 16), WHITE)
+    d = ImageDraw.Draw(canvas)
+    d.text((PAD, PAD), "Hallucination and coverage on bias-breaking scenes, per method", fill=INK, font=BIG)
+    draw_text(d, (PAD, PAD + LINE + 6), notes, WIDTH - 2 * PAD, SMALL)
+    for i, row in enumerate(units):
+        d.text((PAD, top + i * row_h + 3), labels[row], fill=INK, font=FONT)
+    for k, (key, title, axis) in enumerate(HEADLINE_METRICS):
+        px0 = label_w + k * (panel_w + 5 * PAD)
+        ticks = nice_ticks(0, max(max(m, *us) for m, us in (s[key] for s in stats.values())), n=4)
+        X = lambda v: px0 + v / ticks[-1] * panel_w                      # noqa: E731
+        py1 = top + row_h * len(units)
+        d.text((px0, top - LINE - 4), title, fill=INK, font=FONT)
+        for v in ticks:
+            d.line((X(v), top - 2, X(v), py1), fill=RULE)
+            s = tick_label(v, ticks)
+            d.text((X(v) - text_width(s, SMALL) / 2, py1 + 4), s, fill=GREY, font=SMALL)
+        d.text((px0 + (panel_w - text_width(axis)) / 2, py1 + LINE + 4), axis, fill=INK, font=FONT)
+        for i, row in enumerate(units):
+            mean, us = stats[row][key]
+            y = top + i * row_h + 4
+            d.rectangle((X(0), y, X(mean), y + row_h - 8), fill=(150, 150, 150) if row == "sft" else (70, 110, 200))
+            right = X(max([mean] + us))
+            if len(us) > 1:
+                d.line((X(min(us)), y + 7, right, y + 7), fill=INK, width=2)
+                for v in (min(us), max(us)):
+                    d.line((X(v), y + 2, X(v), y + 12), fill=INK, width=2)
+            s = f"{mean:.3f}"
+            inside = right + 4 + text_width(s, SMALL) > px0 + panel_w
+            d.text((X(mean) - 4 - text_width(s, SMALL) if inside else right + 4, y + 1), s,
+                   fill=WHITE if inside else INK, font=SMALL)
+        if "sft" in stats:
+            for yy in range(top - 2, py1, 6):
+                d.line((X(stats["sft"][key][0]), yy, X(stats["sft"][key][0]), yy + 3), fill=INK)
+    canvas.save(path)

@@ -1,7 +1,7 @@
 """
 Results as people read them: the Markdown tables and the run's report (its pictures: pictures.py).
 
-    python train.py                     # ends by writing out/report.md, out/report.json, out/curves.png
+    python train.py                     # ends by writing out/report.md, report.json, curves.png, headline.png
     python train.py --stage report      # rebuilds them from out/ without training
 
 Every stage writes its own results (eval_sft, compare, study, probes: .md and .json) and the
@@ -221,7 +221,7 @@ def _need(out_dir, name, stage):
 
 
 def write(out_dir):
-    """out_dir/report.md, report.json and curves.png from the stages' outputs in out_dir."""
+    """out_dir/report.md, report.json, curves.png and headline.png from the stages' outputs in out_dir."""
     run = read_json(_need(out_dir, "run.json", "all"))
     sft = file_digest(_need(out_dir, "sft.pt", "sft"))
     # the stages of this run's preset (--preset tiny: no joint study, no probes) and any that ran since
@@ -240,6 +240,10 @@ def write(out_dir):
                              f"rerun `python train.py --stage {stage}`")
     pictures.curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"],
                     results.get("study", {}).get("curves", {}))
+    rows, n = results["compare"]["rows"], max(map(len, results["compare"]["rows"].values()))
+    pictures.headline(os.path.join(out_dir, "headline.png"), {row: [[r] for r in rs] for row, rs in rows.items()},
+                      f"whiskers: lowest to highest of the {n} preference seeds" if n > 1 else
+                      "one preference seed, so no whiskers")
     stages = run["stages"]
     if not stages:
         raise Refused(f"error: {os.path.join(out_dir, 'run.json')} records no finished stage; run `python train.py` first")
@@ -271,7 +275,9 @@ def write(out_dir):
             lines += ["", "![held-out images with the model's captions, then prompts with the model's drawings]"
                           "(eval_sft.png)"]
         if stem == "compare":
-            lines += ["", "![bias-breaking scenes: SFT and mDPO captions, wrong clauses marked](compare.png)",
+            lines += ["", "![bias CHAIR_i and bias Cover per method, the spread over preference seeds as whiskers]"
+                          "(headline.png)",
+                      "", "![bias-breaking scenes: SFT and mDPO captions, wrong clauses marked](compare.png)",
                       "", "Training curves (seed 0" + ("; the last panel: the joint study's generation DPO row)"
                                                           if "study" in md else ")") + ":", "",
                       "![logps/chosen, logps/rejected, rewards/margins; generation DPO loss against ln 2](curves.png)"]
@@ -279,7 +285,7 @@ def write(out_dir):
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps({"header": head, **results}, indent=1))
     print(text)
-    print(f"report | {os.path.join(out_dir, 'report.md')}, report.json, curves.png")
+    print(f"report | {os.path.join(out_dir, 'report.md')}, report.json, curves.png, headline.png")
     return head
 
 

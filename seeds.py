@@ -17,6 +17,7 @@ import numpy as np
 
 import eval as evaluation
 import joint
+import pictures
 import pref
 import probes
 import report
@@ -157,7 +158,7 @@ def claims_table(checked):
 
 
 def write(out_dir, n):
-    """out_dir/report.md and report.json over the SFT models in out_dir/sft0 .. sft<n-1>."""
+    """out_dir/report.md, report.json and headline.png over the SFT models in out_dir/sft0 .. sft<n-1>."""
     dirs = [seed_dir(out_dir, k) for k in range(n)]
     runs, evals, digests, per_model = [], [], [], []
     for d in dirs:
@@ -218,6 +219,12 @@ def write(out_dir, n):
                 os.path.basename(d) for d, m in zip(dirs, per_model) if stem in m) + "): the stage did not finish "
                 "on the others.", ""]
         lines += [table.rstrip()]
+        if stem == "compare":           # the headline's spread: each SFT model's rows are one unit
+            units = {row: [m["compare"][row] for m in ran if row in m["compare"]] for row in rows}
+            pictures.headline(os.path.join(out_dir, "headline.png"), units, f"whiskers: lowest to highest of "
+                              f"the {len(ran)} SFT models' own means (each over its preference seeds)")
+            lines += ["", "![bias CHAIR_i and bias Cover per method, the spread over SFT models as whiskers]"
+                          "(headline.png)"]
     text = "\n".join(lines) + "\n"
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(

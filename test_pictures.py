@@ -165,6 +165,18 @@ class TestPictures(unittest.TestCase):
         pictures.curves(self.path("three.png"), {"dpo": [run]}, {})     # no joint study: three panels
         self.assertPicture(self.path("three.png"), 700)
 
+    def test_headline_is_deterministic_and_says_what_the_whiskers_are(self):
+        def row(chair, cover):
+            return {"test": {}, "bias": {"CHAIR_i": chair, "Cover": cover}}
+        units = {"sft": [[row(0.12, 0.99)], [row(0.09, 0.99)]],
+                 "dpo": [[row(0.03, 0.6), row(0.02, 0.7)], [row(0.01, 0.6)]],
+                 "dpo + NLL (sft_weight 1)": [[row(0.0, 0.98)], [row(0.0, 0.97)]]}
+        for name in ("a.png", "b.png"):
+            pictures.headline(self.path(name), units, "whiskers: lowest to highest of the 2 SFT models' own means")
+        self.assertPicture(self.path("a.png"), 500)
+        with open(self.path("a.png"), "rb") as a, open(self.path("b.png"), "rb") as b:
+            self.assertEqual(a.read(), b.read())
+
 
 if __name__ == "__main__":
     unittest.main()
