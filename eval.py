@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import pictures
 import report
 import world
 from checkpoint import auto_dtype, command_line, file_digest, load_model, pick_device, writable, write_atomic
@@ -170,7 +171,8 @@ def run(ckpt, args):
     out = os.path.join(args.out_dir, f"eval_{name}")
     write_atomic(out + ".json", json.dumps(res, indent=1))
     write_atomic(out + ".md", report.sft_markdown(res))
-    report.picture(out + ".png", test_captions + captions, drawings)
+    pictures.eval_picture(out + ".png", [("Captions of held-out scenes (test split)", test_captions),
+                                         ("Captions of bias-breaking scenes (bias split)", captions)], drawings)
     print(report.sft_markdown(res))
     print(f"eval | {ckpt} in {res['seconds']:.0f} s -> {out}.json / .md / .png")
     return res

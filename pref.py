@@ -1,7 +1,6 @@
 """
-Stage 3: preference optimisation for understanding. DPO, mDPO, DAMA and the papers' controls,
-each trained from the same SFT model on the same pairs, then compared on the hallucination
-benchmark (eval.hallucination).
+Stage 3: preference optimisation for understanding. DPO, mDPO, DAMA and the papers' controls, each trained
+from the same SFT model on the same pairs, then compared on the hallucination benchmark (eval.hallucination).
 
     python train.py --stage pref                     # every method x --pref_seeds, from out/sft.pt
     python train.py --stage pref --method mdpo       # one method
@@ -22,6 +21,7 @@ import torch
 import data
 import dist
 import eval as evaluation
+import pictures
 import report
 import sft
 import world
@@ -393,7 +393,7 @@ def compare(args):
          "rows": {k: [{s: r[s] for s in ("test", "bias")} for r in v] for k, v in rows.items()},
          "curves": curves}, indent=1))
     if "mdpo" in rows:
-        report.compare_picture(os.path.join(args.out_dir, "compare.png"),
-                               rows["sft"][0]["bias_samples"], rows["mdpo"][0]["bias_samples"])
+        pictures.compare_picture(os.path.join(args.out_dir, "compare.png"),
+                                 rows["sft"][0]["bias_samples"], rows["mdpo"][0]["bias_samples"])
     print(head + table)
     return rows

@@ -1,7 +1,7 @@
 """
-Results as people read them: the Markdown tables, the pictures, and the run's report.
+Results as people read them: the Markdown tables and the run's report (its pictures: pictures.py).
 
-    python train.py                     # ends by writing out/report.md, out/report.json, out/curves.png
+    python train.py                     # ends by writing out/report.md, report.json, curves.png, headline.png
     python train.py --stage report      # rebuilds them from out/ without training
 
 Every stage writes its own results (eval_sft, compare, study, probes: .md and .json) and the
@@ -10,7 +10,6 @@ device, preset, dtype, wall time of every stage) and refuses to mix results of d
 models.
 """
 import json
-import math
 import os
 import platform
 import subprocess
@@ -18,10 +17,9 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import data
-import world
+import pictures
 from checkpoint import Refused, differences, file_digest, settings, write_atomic
 
 # the stage outputs the report is made of: (file stem, stage that writes it, heading)
@@ -29,8 +27,6 @@ SECTIONS = (("eval_sft", "eval", "SFT"),
             ("compare", "pref", "Preference optimisation for understanding"),
             ("study", "joint", "Preference optimisation for generation: do understanding and generation fight?"),
             ("probes", "probe", "Does understanding inform generation?"))
-CURVE_METHODS = ("dpo", "mdpo", "dama")
-CURVE_ROW = "gen DPO"                      # the joint-study row whose generation DPO loss is drawn
 
 
 # -----------------------------------------------------------------------------
@@ -63,115 +59,6 @@ def sft_markdown(res):
     for name, r in res["generation"].items():
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in gen_cols) + " |")
     return "\n".join(lines) + "\n"
-
-
-# -----------------------------------------------------------------------------
-# pictures
-
-def picture(path, captions, drawings, scale=5):
-    """A PNG: held-out images beside their generated captions, then prompts beside generated images."""
-    side, w_text, pad = world.CANVAS * scale, 420, 6
-    rows = len(captions) + len(drawings)
-    canvas = Image.new("RGB", (side + w_text + 2 * pad, rows * (side + pad) + pad), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-
-    def text(x, y, s, width=48):
-        lines = [s[i:i + width] for i in range(0, len(s), width)]
-        d.multiline_text((x, y), "\n".join(lines), fill=(0, 0, 0))
-
-    for r, (ex, pred) in enumerate(captions):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(world.render(ex.scene)).resize((side, side), Image.NEAREST), (pad, y))
-        text(side + 2 * pad, y + 4, "model: " + " ".join(pred))
-        text(side + 2 * pad, y + 4 + 14 * 4, "truth: " + " ".join(ex.answer))
-    for r, (ex, img) in enumerate(drawings, start=len(captions)):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(img).resize((side, side), Image.NEAREST), (pad, y))
-        ok = world.geneval_correct(ex, world.parse(img))
-        text(side + 2 * pad, y + 4, f"[{ex.task}] prompt: " + " ".join(ex.question))
-        text(side + 2 * pad, y + 4 + 14 * 4, "judge: " + ("correct" if ok else "WRONG"))
-    canvas.save(path)
-
-
-def compare_picture(path, sft_samples, pref_samples, name="mDPO", scale=5):
-    """A PNG: bias-breaking scenes with the SFT and the preference-trained captions; each
-    hallucinated clause (an object not in the scene at that cell) is drawn in red inside [ ]."""
-    side, w_text, pad, line = world.CANVAS * scale, 520, 6, 16
-    canvas = Image.new("RGB", (side + w_text + 2 * pad, len(sft_samples) * (side + pad) + pad), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    for r, ((scene, a), (_, b)) in enumerate(zip(sft_samples, pref_samples)):
-        y = pad + r * (side + pad)
-        canvas.paste(Image.fromarray(world.render(scene)).resize((side, side), Image.NEAREST), (pad, y))
-        truth = {(o.colour, o.shape, o.cell) for o in scene}
-        for k, (who, words) in enumerate((("SFT", a), (name, b))):
-            x, yy = side + 2 * pad, y + 4 + 3 * line * k
-            d.text((x, yy), who + ":", fill=(0, 0, 0))
-            x += 40
-            for cl in world.clauses(words):
-                m = world.parse_caption(cl)
-                bad = bool(m) and m[0] not in truth
-                s = ("[" + " ".join(cl) + "]" if bad else " ".join(cl)) + " ,"
-                wdt = d.textlength(s + " ")
-                if x + wdt > side + w_text:
-                    x, yy = side + 2 * pad + 40, yy + line
-                d.text((x, yy), s, fill=(220, 0, 0) if bad else (0, 0, 0))
-                x += wdt
-    canvas.save(path)
-
-
-def _panel(d, box, series, title, hline=None):
-    """One line chart in `box` (x0, y0, x1, y1): series = [(label, colour, [(x, y), ...])]."""
-    x0, y0, x1, y1 = box
-    px0, py0, px1, py1 = x0 + 52, y0 + 20, x1 - 8, y1 - 30            # the plot area inside the axes
-    pts = [p for _, _, s in series for p in s]
-    xs, ys = [p[0] for p in pts], [p[1] for p in pts] + ([hline[1]] if hline else [])
-    xlo, xhi, ylo, yhi = min(xs), max(xs), min(ys), max(ys)
-    if yhi - ylo < 1e-9:
-        ylo, yhi = ylo - 1, yhi + 1
-    X = lambda x: px0 + (x - xlo) / max(xhi - xlo, 1e-9) * (px1 - px0)    # noqa: E731
-    Y = lambda y: py1 - (y - ylo) / (yhi - ylo) * (py1 - py0)             # noqa: E731
-    d.text((x0 + 4, y0 + 4), title, fill=(0, 0, 0))
-    d.rectangle((px0, py0, px1, py1), outline=(120, 120, 120))
-    for v in (ylo, (ylo + yhi) / 2, yhi):
-        d.text((x0 + 2, Y(v) - 5), f"{v:.3g}", fill=(80, 80, 80))
-    d.text((px0, py1 + 4), f"step {xlo:g}", fill=(80, 80, 80))
-    d.text((px1 - 50, py1 + 4), f"{xhi:g}", fill=(80, 80, 80))
-    if hline:
-        label, y = hline
-        for x in range(int(px0), int(px1), 8):                           # dashed
-            d.line((x, Y(y), min(x + 4, px1), Y(y)), fill=(150, 150, 150))
-        d.text((px1 - 60, Y(y) - 12), label, fill=(120, 120, 120))
-    for k, (label, colour, s) in enumerate(series):
-        d.line([(X(x), Y(y)) for x, y in s], fill=colour, width=2)
-        d.text((px0 + 6 + 70 * k, py1 + 16), label, fill=colour)
-
-
-def _smooth(points, k=10):
-    """The running mean over the last k points: one step's log-probs are one batch's, and noisy."""
-    ys = np.cumsum([y for _, y in points])
-    return [(x, (ys[i] - (ys[i - k] if i >= k else 0)) / min(i + 1, k)) for i, (x, _) in enumerate(points)]
-
-
-def curves(path, pref_curves, joint_curves):
-    """out/curves.png: the understanding preference runs (seed 0) of DPO, mDPO and DAMA:
-    logps/chosen, logps/rejected (summed over the response) and rewards/margins per step; and
-    the joint study's generation DPO row (seed 0): its plain DPO loss per step against ln 2,
-    its value while the policy equals the reference. Every curve is a running mean of 10 steps."""
-    colours = {"dpo": (40, 90, 200), "mdpo": (210, 60, 40), "dama": (40, 150, 60)}
-    methods = [m for m in CURVE_METHODS if m in pref_curves]
-    panels = [(key + " (mean of 10 steps)", [(m, colours[m], _smooth([(h["step"], h[key]) for h in pref_curves[m][0]]))
-                                            for m in methods])
-              for key in ("logps/chosen", "logps/rejected", "rewards/margins")]
-    if CURVE_ROW in joint_curves:
-        gen = _smooth([(h["step"], h["dpo_loss"]) for h in joint_curves[CURVE_ROW][0]["gen"]])
-        panels.append(("generation DPO loss, joint study (mean of 10)", [("gen DPO", (120, 40, 160), gen)]))
-    w, h = 360, 240
-    canvas = Image.new("RGB", (w * len(panels), h), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    for k, (title, series) in enumerate(panels):
-        hline = ("ln 2", math.log(2)) if title.startswith("generation") else None
-        _panel(d, (k * w, 0, (k + 1) * w, h), [s for s in series if s[2]], title, hline)
-    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -334,7 +221,7 @@ def _need(out_dir, name, stage):
 
 
 def write(out_dir):
-    """out_dir/report.md, report.json and curves.png from the stages' outputs in out_dir."""
+    """out_dir/report.md, report.json, curves.png and headline.png from the stages' outputs in out_dir."""
     run = read_json(_need(out_dir, "run.json", "all"))
     sft = file_digest(_need(out_dir, "sft.pt", "sft"))
     # the stages of this run's preset (--preset tiny: no joint study, no probes) and any that ran since
@@ -351,7 +238,12 @@ def write(out_dir):
             raise Refused(f"error: {os.path.join(out_dir, stem + '.json')} was made from another SFT model "
                              f"(digest {made_from}; {os.path.join(out_dir, 'sft.pt')} is {sft}): "
                              f"rerun `python train.py --stage {stage}`")
-    curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"], results.get("study", {}).get("curves", {}))
+    pictures.curves(os.path.join(out_dir, "curves.png"), results["compare"]["curves"],
+                    results.get("study", {}).get("curves", {}))
+    rows, n = results["compare"]["rows"], max(map(len, results["compare"]["rows"].values()))
+    pictures.headline(os.path.join(out_dir, "headline.png"), {row: [[r] for r in rs] for row, rs in rows.items()},
+                      f"whiskers: lowest to highest of the {n} preference seeds" if n > 1 else
+                      "one preference seed, so no whiskers")
     stages = run["stages"]
     if not stages:
         raise Refused(f"error: {os.path.join(out_dir, 'run.json')} records no finished stage; run `python train.py` first")
@@ -383,7 +275,9 @@ def write(out_dir):
             lines += ["", "![held-out images with the model's captions, then prompts with the model's drawings]"
                           "(eval_sft.png)"]
         if stem == "compare":
-            lines += ["", "![bias-breaking scenes: SFT and mDPO captions, hallucinated clauses in red](compare.png)",
+            lines += ["", "![bias CHAIR_i and bias Cover per method, the spread over preference seeds as whiskers]"
+                          "(headline.png)",
+                      "", "![bias-breaking scenes: SFT and mDPO captions, wrong clauses marked](compare.png)",
                       "", "Training curves (seed 0" + ("; the last panel: the joint study's generation DPO row)"
                                                           if "study" in md else ")") + ":", "",
                       "![logps/chosen, logps/rejected, rewards/margins; generation DPO loss against ln 2](curves.png)"]
@@ -391,7 +285,7 @@ def write(out_dir):
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps({"header": head, **results}, indent=1))
     print(text)
-    print(f"report | {os.path.join(out_dir, 'report.md')}, report.json, curves.png")
+    print(f"report | {os.path.join(out_dir, 'report.md')}, report.json, curves.png, headline.png")
     return head
 
 

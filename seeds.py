@@ -17,6 +17,7 @@ import numpy as np
 
 import eval as evaluation
 import joint
+import pictures
 import pref
 import probes
 import report
@@ -235,14 +236,22 @@ def render(inputs):
             lines += [f"From {len(ran)} of the {n} SFT models ({', '.join(ran)}): the stage did not finish on the "
                       "others.", ""]
         lines += [table.rstrip()]
+        if stem == "compare":
+            lines += ["", "![bias CHAIR_i and bias Cover per method, the spread over SFT models as whiskers](headline.png)"]
     return "\n".join(lines) + "\n"
 
 
 def write(out_dir, n):
-    """out_dir/report.md over the SFT models in out_dir/sft0 .. sft<n-1>, and report.json: the findings,
-    each model's record, and the report's inputs (render(report.json's "inputs") rebuilds report.md)."""
+    """out_dir/report.md and headline.png over the SFT models in out_dir/sft0 .. sft<n-1>, and
+    report.json: the findings, each model's record, and the report's inputs (render(report.json's
+    "inputs") rebuilds report.md)."""
     inputs = gather(out_dir, n)
     text = render(inputs)
+    ran = [m["compare"] for m in inputs["per_model"] if "compare" in m]
+    if ran:             # the headline's spread: each SFT model's rows are one unit
+        units = {row: [m[row] for m in ran if row in m] for row in pool(inputs["per_model"])["compare"]}
+        pictures.headline(os.path.join(out_dir, "headline.png"), units, f"whiskers: lowest to highest of the "
+                          f"{len(ran)} SFT models' own means (each over its preference seeds)")
     write_atomic(os.path.join(out_dir, "report.md"), text)
     write_atomic(os.path.join(out_dir, "report.json"), json.dumps(
         {"sft_models": [{"dir": d, "seed": s, "sft_digest": g, "seconds": t} for d, s, g, t in

@@ -299,12 +299,13 @@ class TestPipeline(unittest.TestCase):
             train.main(["--stage", "all", "--steps", "3"] + tiny)
             for f in ("tokenizer.pt", "sft.pt", "log.txt", "eval_sft.json", "eval_sft.md", "eval_sft.png",
                       "compare.md", "compare.json", "compare.png", "pref_mdpo_s0.pt", "study.md", "study.json",
-                      "probes.md", "probes.json", "run.json", "report.md", "report.json", "curves.png"):
+                      "probes.md", "probes.json", "run.json", "report.md", "report.json", "curves.png",
+                      "headline.png"):
                 self.assertTrue(os.path.exists(os.path.join(d, f)), f)
             self.assertFalse([f for f in os.listdir(d) if f.endswith(".tmp")])
             with open(os.path.join(d, "report.md")) as f:
                 text = f.read()
-            for section in ("## SFT", "## Preference optimisation for understanding", "curves.png",
+            for section in ("## SFT", "## Preference optimisation for understanding", "curves.png", "headline.png",
                             "## Preference optimisation for generation", "## Does understanding inform generation?",
                             "| whole run |", "Preset `quick`, dtype float32"):
                 self.assertIn(section, text)

@@ -102,6 +102,8 @@ class TestSeveralSftModels(unittest.TestCase):
             self.assertIn("| DPO lowers bias CHAIR_i by at least half |", md)
             self.assertIn("## Preference optimisation for understanding", md)
             self.assertNotIn("## Does understanding inform generation?", md)     # the probe stage did not run
+            self.assertIn("(headline.png)", md)
+            self.assertTrue(os.path.exists(os.path.join(d, "headline.png")))
             with open(os.path.join(d, "report.json")) as f:
                 rep = json.load(f)
             pooled = seeds.pool(rep["inputs"]["per_model"])

@@ -17,7 +17,7 @@ mDPO, DAMA and the papers' controls from the SFT model and compares them on the 
 benchmark (pref.py); `joint` adds preference optimisation for generation and joint
 understanding + generation training, with gradient diagnostics (joint.py); `probe` asks whether
 facts taught through understanding reach generation (probes.py); `report` writes out/report.md,
-out/report.json and out/curves.png (report.py). Everything lands in --out_dir. `tax` sweeps the
+out/report.json, curves.png and headline.png (report.py). Everything lands in --out_dir. `tax` sweeps the
 preference settings and the remedies for the alignment tax (tax.py). With --sft_seeds N > 1, each
 SFT seed k runs the stages in out_dir/sft<k> and out_dir/report.md reports them all, with each
 finding's "holds in k of N" (seeds.py).
