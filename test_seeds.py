@@ -148,7 +148,8 @@ class TestResultsFile(unittest.TestCase):
             rep = json.load(f)
         with open(os.path.join(here, "RESULTS.md")) as f:
             md = f.read()
-        self.assertIn(seeds.render(rep["inputs"]), md)
+        self.assertTrue(seeds.render(rep["inputs"]) in md, "RESULTS.md no longer holds the report rebuilt from "
+                        "RESULTS.json: rebuild it with `python train.py --sft_seeds 3 --stage report` on the run")
         self.assertIn(f"at commit {', '.join(rep['inputs']['commits'])}", md.splitlines()[2])
         # each finding's "k of N" in the file is the one recomputed from the runs' numbers
         for c in rep["findings"]:
