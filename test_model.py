@@ -188,16 +188,19 @@ class TestTransformer(unittest.TestCase):
 
     def test_kv_cache_is_one_buffer_filled_in_place(self):
         v = self.vocab
-        cache = [{"size": 12} for _ in self.model.blocks]
+        cache = [model.KVCache(12) for _ in self.model.blocks]
         with torch.no_grad():
             self.model(self.ids[:2, :10], cache)
-            self.assertEqual([c["len"] for c in cache], [10] * len(cache))
-            buf = cache[0]["k"]
+            self.assertEqual([c.len for c in cache], [10] * len(cache))
+            buf = cache[0].k
             self.model(self.ids[:2, 10:11], cache)
-            self.assertIs(cache[0]["k"], buf)                # written in place, not re-allocated
+            self.assertIs(cache[0].k, buf)                   # written in place, not re-allocated
+            self.assertEqual(cache[0].len, 11)
             self.model(self.ids[:2, 11:12], cache)
             with self.assertRaisesRegex(ValueError, "full"):
                 self.model(self.ids[:2, 12:13], cache)
+            with self.assertRaisesRegex(ValueError, "one token at a time"):
+                self.model(self.ids[:2, 10:12], cache)
         self.assertEqual(tuple(buf.shape), (2, self.model.cfg.n_head, 12, self.model.cfg.n_embd // self.model.cfg.n_head))
 
     def test_sampler_draws_the_given_distribution(self):
