@@ -334,7 +334,7 @@ class TestPipeline(unittest.TestCase):
             self.assertTrue({"model", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ck))
             train.main(["--stage", "sft", "--steps", "5", "--resume", "--dtype", "bfloat16"] + tiny)
             # a new SFT model: the stages' results now come from another one, and the report refuses to mix them
-            with self.assertRaisesRegex(SystemExit, "eval_sft.json was made from another SFT model"):
+            with self.assertRaisesRegex(checkpoint.Refused, "eval_sft.json was made from another SFT model"):
                 train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=True)["step"], 5)
             with open(os.path.join(d, "log.txt")) as f:
@@ -370,15 +370,15 @@ class TestPipeline(unittest.TestCase):
             for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"]):
                 with self.assertRaises(SystemExit):
                     train.main(argv + ["--out_dir", d])
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "no tokenizer at"):
                 train.main(["--stage", "sft", "--resume", "--out_dir", d])   # no tokenizer there yet
-            with self.assertRaisesRegex(SystemExit, r"run.json is missing; run `python train.py"):
+            with self.assertRaisesRegex(checkpoint.Refused, r"run.json is missing; run `python train.py"):
                 train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "no checkpoint at"):
                 checkpoint.load_model(os.path.join(d, "missing.pt"), "cpu")
             bad = os.path.join(d, "other_vocab.pt")       # a checkpoint of another vocabulary
             torch.save({"model_config": {"vocab_size": 3}, "n_codes": 8}, bad)
-            with self.assertRaisesRegex(SystemExit, "vocabulary of 3 tokens"):
+            with self.assertRaisesRegex(checkpoint.Refused, "vocabulary of 3 tokens"):
                 checkpoint.load_model(bad, "cpu")
 
 

@@ -12,6 +12,7 @@ import pref
 import seeds
 import tax
 import train
+from checkpoint import Refused
 
 TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8",
         "--steps", "12", "--log_every", "5", "--eval_n", "4", "--device", "cpu", "--pairs", "8", "--pref_steps", "2",
@@ -117,7 +118,7 @@ class TestSeveralSftModels(unittest.TestCase):
             res["sft_digest"] = "0" * 12
             with open(other, "w") as f:
                 json.dump(res, f)
-            with self.assertRaisesRegex(SystemExit, "sft1/compare.json was made from another SFT model"):
+            with self.assertRaisesRegex(Refused, "sft1/compare.json was made from another SFT model"):
                 seeds.write(d, 2)
             # a stage that did not finish on every model: the report says from which, the findings count those
             os.remove(other)

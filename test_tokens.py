@@ -12,6 +12,7 @@ import numpy as np
 import report
 import tokens
 import train
+from checkpoint import Refused
 
 
 class TestFit(unittest.TestCase):
@@ -31,7 +32,7 @@ class TestFit(unittest.TestCase):
     def test_token_counts_of_the_factors(self):
         self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,4,3,2")], [9, 9, 36, 64, 144])
         for bad in ("5", "", "3,x", "1", "vq"):
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(Refused, "--token_fs"):
                 tokens.factors(bad)
 
 
@@ -73,7 +74,7 @@ class TestStudy(unittest.TestCase):
                 self.assertEqual(report.read_json(os.path.join(moved, "tokens", n, "sft0", "run.json")), run)
             self.assertEqual(report.read_json(os.path.join(moved, "tokens.json"))["models"][1]["rho"], out["models"][1]["rho"])
             # other settings are refused, not mixed into the study
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(Refused, "ran with other settings"):
                 train.main(argv + ["--resume", "--beta", "0.2"])
 
 
