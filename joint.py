@@ -176,8 +176,8 @@ def train_row(args, row, PU, PG, sft_path):
     opt = sft.adamw(params, args.joint_lr, args.device)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
-    N = len(PG["pairs"][0].chosen) + 1
-    T = float(np.mean([len(p.chosen) + 1 for p in PU["pairs"]]))
+    N = len(PG.pairs[0].chosen) + 1
+    T = float(np.mean([len(p.chosen) + 1 for p in PU.pairs]))
     a_gen = copy.copy(args)
     if strategy == "beta":
         a_gen.beta = args.gen_beta if args.gen_beta else args.beta * T / N   # equal beta * tokens per task
@@ -199,7 +199,7 @@ def train_row(args, row, PU, PG, sft_path):
             if not (active or measure):
                 continue
             if len(orders[t]) < args.pref_batch:          # epochs over the pairs, reshuffled
-                orders[t] += rngs[t].sample(range(len(P["pairs"])), len(P["pairs"]))
+                orders[t] += rngs[t].sample(range(len(P.pairs)), len(P.pairs))
             idx, orders[t] = orders[t][:args.pref_batch], orders[t][args.pref_batch:]
             # a measurement never touches the training state (DAMA's gap EMA and its selection generator)
             gap0 = state[t]["gap_mean"]
@@ -326,7 +326,7 @@ def study(args):
         a.seed = seed
         PU = pref.preference_data(a, sft)
         PG, missing = genpairs.gen_preference_data(a, sft, kinds)
-        pair_counts[seed] = {k: len(P["pairs"]) for k, P in PG.items()}
+        pair_counts[seed] = {k: len(P.pairs) for k, P in PG.items()}
         trained, evals = {}, {}
         for row in rows_wanted:
             if ROWS[row][2] in missing:

@@ -10,7 +10,6 @@ The pairs carry everything the losses need, computed once: the codes of the real
 corrupted image, the frozen reference's log-probs, and DAMA's clause scores.
 """
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -52,7 +51,7 @@ REMEDY_ROWS = {
 def build_pairs(model, tok, vocab, args, rng):
     """Preference pairs on held-in training scenes, with everything the losses need precomputed:
     the codes of the real and of the corrupted image, the frozen reference's log-probs (computed
-    ONCE here, then cached) and DAMA's clause scores. Returns a dict of lists and tensors."""
+    ONCE here, then cached) and DAMA's clause scores. Returns a data.PairSet."""
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     n_on = int(round(args.pairs * args.onpolicy))
     pairs = []
@@ -78,11 +77,11 @@ def build_pairs(model, tok, vocab, args, rng):
                                            args.length_matched))
     imgs = np.stack([world.render(p.scene) for p in pairs])
     crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])   # ONE crop per pair, for policy and reference
-    P = {"pairs": pairs, "codes": tok.encode(imgs).tolist(), "crop_codes": tok.encode(crops).tolist(),
-         "n_onpolicy": n_policy}
+    P = data.PairSet(pairs, codes=tok.encode(imgs).tolist(), crop_codes=tok.encode(crops).tolist(),
+                     n_onpolicy=n_policy)
     for images in (True, False):   # reference log-probs with the images, and without (the no-image control)
-        P[f"ref_{int(images)}"] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
-    P["scores"] = clause_scores(model, vocab, P, args)
+        P.ref_logps[images] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
+    P.scores = clause_scores(model, vocab, P, args)
     return P
 
 
@@ -92,13 +91,13 @@ def pair_batch(vocab, P, idx, images, corrupted):
     one concatenated forward pass."""
     seqs = [[], [], []]
     for i in idx:
-        if P.get("task") == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
-            p = P["pairs"][i]
+        if P.task == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
+            p = P.pairs[i]
             seqs[0].append(data.gen_sequence(vocab, p.chosen, p.prompt))
             seqs[1].append(data.gen_sequence(vocab, p.rejected, p.prompt))
             seqs[2].append(data.gen_sequence(vocab, p.chosen, p.corrupted))
             continue
-        p, c, k = P["pairs"][i], P["codes"][i], P["crop_codes"][i]
+        p, c, k = P.pairs[i], P.codes[i], P.crop_codes[i]
         if not images:   # the unconditional control: every image removed from the preference data
             c = k = []
         seqs[0].append(data.und_sequence(vocab, c, p.question, p.chosen))
@@ -137,7 +136,7 @@ def clause_scores(ref, vocab, P, args):
     object of a caption), per token; a softmax over the clauses of BOTH responses turns these
     into probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
     seqs, owner = [], []
-    for i, (p, c) in enumerate(zip(P["pairs"], P["codes"])):
+    for i, (p, c) in enumerate(zip(P.pairs, P.codes)):
         prompt = data.und_prompt(vocab, c, p.question)
         for side, words in enumerate((p.chosen, p.rejected)):
             before = []
@@ -150,10 +149,10 @@ def clause_scores(ref, vocab, P, args):
     pair_of = torch.tensor([i for i, _ in owner])
     side_of = torch.tensor([s for _, s in owner])
     # softmax over the clauses of each pair (both responses together), then sum per response
-    shifted = per_token - torch.zeros(len(P["pairs"])).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
+    shifted = per_token - torch.zeros(len(P.pairs)).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
     e = shifted.exp()
-    prob = e / torch.zeros(len(P["pairs"])).index_add(0, pair_of, e)[pair_of]
-    return torch.zeros(len(P["pairs"]), 2).index_put((pair_of, side_of), prob, accumulate=True)
+    prob = e / torch.zeros(len(P.pairs)).index_add(0, pair_of, e)[pair_of]
+    return torch.zeros(len(P.pairs), 2).index_put((pair_of, side_of), prob, accumulate=True)
 
 
 def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
@@ -165,7 +164,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
     pc, pr, pk, ntok, chosen_tokens = pair_logps(policy, vocab, P, idx, images, corrupted, args)
-    ref = to_device(P[f"ref_{int(images)}"][idx], pc.device)                      # (B, 3), cached
+    ref = to_device(P.ref(images)[idx], pc.device)                                # (B, 3), cached
     rc, rr, rk = ref.unbind(1)
     m = {}
     if kind == "dpo":
@@ -178,12 +177,12 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
         m["rewards/imageless_margins"] = (cr - kr).mean()
         m["rewards/imageless_accuracies"] = (cr > kr).float().mean()
     else:
-        s = to_device(P["scores"][idx], pc.device)
+        s = to_device(P.scores[idx], pc.device)
         # (dama_loss waits for the device once, int((w > 0).sum()), left in losses.py, which users copy
         # as it is; a tensor gap_mean (dama_state) spares it a second wait, h.mean().item())
         losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
             pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
-            score_gap_mean=P["score_gap_mean"], generator=state["generator"])
+            score_gap_mean=P.score_gap_mean, generator=state["generator"])
         loss = (losses * keep).sum() / keep.sum()
         m["beta_used"], m["kept"] = beta_used.mean(), keep.sum().long()   # (an integer tensor: an int when read)
     # (chosen_nll_loss checks (chosen_lengths < 1).any() on the device: one wait a step, left in losses.py)
@@ -242,7 +241,7 @@ def train_pref(args, method, P, sft_path, name=None):
     last_log = start
     for step in range(start + 1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
-            order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+            order += rng.sample(range(len(P.pairs)), len(P.pairs))
         idx, order = order[:args.pref_batch], order[args.pref_batch:]
         for g in opt.param_groups:
             g["lr"] = args.pref_lr * min(1.0, step / 10)
@@ -309,17 +308,16 @@ def preference_data(args, sft_path):
     if os.path.exists(path):
         kept = read_checkpoint(path, "cpu", ("pairs", "made_with"), "pairs file")
         if kept["made_with"] == made_with:
-            P = {**kept, "pairs": [data.Pair(tuple(world.Obj(**o) for o in p.pop("scene")), **p) for p in kept["pairs"]]}
-            del P["made_with"]
-            log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs from {path}")
+            P = data.PairSet.from_dict(kept)
+            log(args, f"pairs s{args.seed} | {len(P.pairs)} pairs from {path}")
             return P
     ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
     P = build_pairs(ref, tok, vocab, args, random.Random(args.seed))
-    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())   # DAMA's dbar, measured
-    save_atomic({**P, "pairs": [dataclasses.asdict(p) for p in P["pairs"]], "made_with": made_with}, path)
-    log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
-              f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
+    P.score_gap_mean = float((P.scores[:, 0] - P.scores[:, 1]).mean())   # DAMA's dbar, measured
+    save_atomic({**P.to_dict(), "made_with": made_with}, path)
+    log(args, f"pairs s{args.seed} | {len(P.pairs)} pairs ({P.n_onpolicy} on-policy) | "
+              f"score_gap_mean {P.score_gap_mean:.4f} | {time.perf_counter() - t0:.0f} s")
     return P
 
 
