@@ -4,7 +4,7 @@ each trained from the same SFT model on the same pairs, then compared on the hal
 benchmark (eval.hallucination).
 
     python train.py --stage pref                     # every method x --pref_seeds, from out/sft.pt
-    python train.py --stage pref --method mdpo       # one method
+    python train.py --stage pref --method mdpo       # one method (--method takes the slugs of ROW_LABELS)
 
 The pairs carry everything the losses need, computed once: the codes of the real and of the
 corrupted image, the frozen reference's log-probs, and DAMA's clause scores.
@@ -24,7 +24,7 @@ import eval as evaluation
 import report
 import sft
 import world
-from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
+from checkpoint import (Refused, differences, file_digest, load_model, log, pick, read_checkpoint, save_atomic,
                         seed_everything, settings, write_atomic)
 from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss
 from model import amp_context, chunked_logps, lengths, to_device
@@ -39,11 +39,13 @@ METHODS = {
     "mdpo_nocond": ("mdpo", True, {"use_conditional": False}),
     "mdpo_noanchor": ("mdpo", True, {"use_anchor": False}),
 }
-# the comparison's rows for the two remedies of the alignment tax: row -> (method, flags set for that row)
+# the comparison's rows for the two remedies of the alignment tax: slug -> (label, method, flags set for that row)
 REMEDY_ROWS = {
-    "dpo + NLL (sft_weight 1)": ("dpo", {"sft_weight": 1.0}),   # RPO's alpha = 1
-    "dpo + SFT mix (sft_mix 0.5)": ("dpo", {"sft_mix": 0.5}),
+    "dpo_nll": ("dpo + NLL (sft_weight 1)", "dpo", {"sft_weight": 1.0}),   # RPO's alpha = 1
+    "dpo_sftmix": ("dpo + SFT mix (sft_mix 0.5)", "dpo", {"sft_mix": 0.5}),
 }
+# every row of the comparison: slug (--method, checkpoint names) -> label (compare.md, compare.json)
+ROW_LABELS = {**{m: m for m in METHODS}, **{slug: row[0] for slug, row in REMEDY_ROWS.items()}}
 
 # -----------------------------------------------------------------------------
 # stage 3: preference optimisation for understanding (DPO, mDPO, DAMA and the controls)
@@ -200,9 +202,8 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
 
 def train_pref(args, method, P, sft_path, name=None):
     """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
-    (its log-probs are already cached in P). Writes out_dir/pref_<name>_s<seed>.pt (name: the method's,
-    unless given); returns its path
-    and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...).
+    (its log-probs are already cached in P). Writes out_dir/pref_<name>_s<seed>.pt (name: the row's slug,
+    by default the method's); returns its path and the per-step metrics (the curves: logps/chosen, rewards/margins, ...).
     Every --pref_ckpt_every steps the whole training state goes to <that path>.part (model, optimizer,
     batch order and its RNG, DAMA's running gap and selection generator), which --resume continues.
 
@@ -338,9 +339,9 @@ def compare(args):
     """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
     with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
     sft = os.path.join(args.out_dir, "sft.pt")
-    # (row, method, flags): every method at the run's settings, then the remedies' rows
-    wanted = [(m, m, {}) for m in (METHODS if args.method == "all" else args.method.split(","))]
-    wanted += [(row, m, flags) for row, (m, flags) in REMEDY_ROWS.items() if args.method == "all"]
+    # (label, slug, method, flags): a method at the run's settings, or a remedy's row
+    wanted = [(ROW_LABELS[s], s, *(REMEDY_ROWS[s][1:] if s in REMEDY_ROWS else (s, {})))
+              for s in pick("method", args.method, ROW_LABELS)]
     seeds = [args.seed + i for i in range(args.pref_seeds)]
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
@@ -352,8 +353,8 @@ def compare(args):
         a = copy.copy(args)
         a.seed = seed
         P = shared_preference_data(a, sft)
-        for row, m, flags in wanted:
-            t, b, name = time.perf_counter(), copy.copy(a), row.split(" (")[0].replace(" + ", "+").replace(" ", "_")
+        for row, name, m, flags in wanted:
+            t, b = time.perf_counter(), copy.copy(a)
             for k, v in flags.items():
                 setattr(b, k, v)
             mine, i = i % dist.WORLD == dist.RANK, i + 1
@@ -382,7 +383,8 @@ def compare(args):
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
             f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
             f"lr {args.pref_lr}, sft_weight {args.sft_weight}, sft_mix {args.sft_mix}"
-            + ("; the rows '+ NLL' and '+ SFT mix' add a remedy for the alignment tax" if args.method == "all" else "")
+            + ("; the rows '+ NLL' and '+ SFT mix' add a remedy for the alignment tax"
+               if any(w[1] in REMEDY_ROWS for w in wanted) else "")
             + f" | {args.eval_n} held-out scenes per split | {args.device} | "
             f"{seconds:.0f} s\n\n")
     write_atomic(os.path.join(args.out_dir, "compare.md"), head + table)

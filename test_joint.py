@@ -229,7 +229,7 @@ class TestJointTraining(unittest.TestCase):
             PG = {"on": P, "real": P, "world": P}
             self.assertEqual(tuple(P.ref(True).shape), (8, 3))
             before = torch.cat([p.flatten() for p in model.parameters()])
-            for row, (strategy, _, _) in joint.ROWS.items():
+            for row, (_, strategy, _, _) in joint.ROWS.items():
                 policy, s, curve = joint.train_row(args, row, PU, PG, sft)
                 self.assertEqual([m["step"] for m in curve["gen"]], [1, 2], row)   # measured on every step here
                 after = torch.cat([p.flatten() for p in policy.parameters()])

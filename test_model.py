@@ -362,7 +362,7 @@ class TestPipeline(unittest.TestCase):
             self.assertIn("Not part of preset `tiny`: `python train.py --stage probe`", text)
             self.assertEqual(set(report.read_json(os.path.join(d, "run.json"))["stages"]),
                              {"tokenizer", "sft", "eval", "pref", "all"})
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "unknown 'nonsense'; choose all, or from dpo, mdpo"):
                 train.main(["--stage", "pref", "--method", "dpo,nonsense"] + small)
 
     def test_bad_input_is_refused(self):

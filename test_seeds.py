@@ -27,7 +27,7 @@ def comparison(sft=(0.20, 1.0, 0.99), **methods):
     """compare.json rows of one SFT model: every method at the given (CHAIR_i, Cover, answer_acc), two seeds."""
     base = dict(dpo=(0.02, 0.3, 0.93), mdpo=(0.0, 0.99, 0.98), dama=(0.01, 0.2, 0.92), dpo_noimage=(0.1, 0.8, 0.95),
                 mdpo_nocond=(0.0, 0.99, 0.97), mdpo_noanchor=(0.01, 0.5, 0.9))
-    base.update(zip(pref.REMEDY_ROWS, [(0.0, 0.97, 0.95), (0.0, 0.9, 0.985)]))
+    base.update(zip([label for label, _, _ in pref.REMEDY_ROWS.values()], [(0.0, 0.97, 0.95), (0.0, 0.9, 0.985)]))
     base.update(methods)
     return {"sft": [row(*sft)], **{m: [row(*v), row(*v)] for m, v in base.items()}}
 
@@ -68,7 +68,7 @@ class TestTax(unittest.TestCase):
     def test_the_sweep_runs_every_setting_and_method(self):
         with tempfile.TemporaryDirectory() as d:
             train.main(TINY + ["--out_dir", d, "--stage", "tokenizer,sft"])
-            grid = [("plain", {}), ("sft_weight 1", {"sft_weight": 1.0})]
+            grid = [("plain", "plain", {}), ("sft_weight_1", "sft_weight 1", {"sft_weight": 1.0})]
             with mock.patch.object(tax, "GRID", grid), mock.patch.object(tax, "METHODS", ("dpo", "mdpo")):
                 train.main(TINY + ["--out_dir", d, "--stage", "tax"])
                 with open(os.path.join(d, "tax.json")) as f:

@@ -9,6 +9,7 @@ import unittest
 
 import numpy as np
 
+import joint
 import report
 import tokens
 import train
@@ -58,7 +59,7 @@ class TestStudy(unittest.TestCase):
             # each model in its own directory, with its tokenizer's world
             study = report.read_json(os.path.join(d, "tokens", "t36", "sft0", "study.json"))
             self.assertEqual((study["config"]["vq_f"], study["config"]["n_codes"]), (4, 256))
-            self.assertTrue(set(tokens.WORLD_ROWS) <= set(study["rows"]))
+            self.assertTrue({joint.LABELS[r] for r in tokens.WORLD_ROWS} <= set(study["rows"]))
             nine = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "study.json"))["config"]
             self.assertEqual((nine["tokenizer"], nine["patch"], nine["n_codes"]), ("patch", 8, 512))
             # --resume keeps every finished stage: nothing is trained again

@@ -43,8 +43,8 @@ import sft
 import tax
 import tokens
 import world
-from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
-                        set_global_rng_state, writable)
+from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick, pick_device,
+                        seed_everything, set_global_rng_state, writable)
 
 # the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
 STAGES = {
@@ -183,8 +183,8 @@ g_eval.add_argument("--eval_seed", type=int, default=1234, help="seed of the eva
 g_eval.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
 g_pref = parser.add_argument_group("preference (stage pref)", "DPO, mDPO, DAMA and the controls on understanding")
 g_pref.add_argument("--method", default=None,
-                    help="preference methods of stage pref, comma-separated from " + ", ".join(pref.METHODS)
-                         + "; 'all' = every method and the alignment-tax remedies' rows (" + from_preset("method") + ")")
+                    help="rows of stage pref, comma-separated from " + ", ".join(pref.ROW_LABELS) + " (the last two: "
+                         "dpo with a remedy for the alignment tax), or all (" + from_preset("method") + ")")
 g_pref.add_argument("--pref_seeds", type=int, default=None,
                     help=f"seeds of each study from one SFT model: pref, joint, probe ({from_preset('pref_seeds')})")
 g_pref.add_argument("--pairs", type=int, default=None, help=f"preference pairs per seed ({from_preset('pairs')})")
@@ -214,7 +214,9 @@ g_pref.add_argument("--tax_bar", type=float, default=0.02,
                     help="stage tax: the largest answer-accuracy drop from SFT that still meets the bar")
 g_joint = parser.add_argument_group("joint study (stage joint)", "preference optimisation of generation, and joint "
                                     "training with gradient diagnostics; the preference settings apply too")
-g_joint.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
+g_joint.add_argument("--rows", default="all",
+                     help="rows of the joint study, comma-separated from " + ", ".join(joint.LABELS) + ", or all "
+                          "(the soups and the oracle come with und_dpo and gen_dpo)")
 g_joint.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
 g_joint.add_argument("--gen_k", type=int, default=4, help="images sampled per prompt to build a generation pair")
 g_joint.add_argument("--gen_temperature", type=float, default=1.0,
@@ -254,9 +256,8 @@ def resolve(args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    unknown = [m for m in args.method.split(",") if m not in pref.METHODS] if args.method != "all" else []
-    if unknown:
-        parser.error(f"--method {args.method}: unknown method {unknown[0]!r}; choose all or from " + ", ".join(pref.METHODS))
+    pick("method", args.method, pref.ROW_LABELS)   # slugs: a table's label, or an unknown name, is refused here
+    pick("rows", args.rows, joint.LABELS)
     if args.n_codes is None and args.stage != "tokens":   # (the token-count study's worlds are all VQ-VAE ones)
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.workers is None:
