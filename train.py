@@ -122,8 +122,7 @@ g_world.add_argument("--caption_noise", type=float, default=1.0,
 g_tok = parser.add_argument_group("tokenizer", "how an image becomes tokens")
 g_tok.add_argument("--tokenizer", default="patch", choices=["patch", "vq"],
                    help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
-                        "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
-                        "every preset defaults to patch: no model has yet been shown to draw at 64 tokens (FINDINGS.md)")
+                        "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f)")
 g_tok.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
                    help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
                         "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
@@ -135,7 +134,7 @@ g_tok.add_argument("--token_fs", default="patch,4,3",
                         "a VQ-VAE factor (4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
 g_tok.add_argument("--patch", type=int, default=8, choices=[4, 8],
                    help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
-                        "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
+                        "4 = a cell is 2x2 tokens (36 per image)")
 g_tok.add_argument("--n_codes", type=int, default=None,
                    help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
 g_tok.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
@@ -201,8 +200,8 @@ g_pref.add_argument("--pref_ckpt_every", type=int, default=None,
                     help="steps between checkpoints of a preference run, what --resume continues "
                          f"({from_preset('pref_ckpt_every')})")
 g_pref.add_argument("--pref_lr", type=float, default=1e-5,
-                    help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
-                         "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
+                    help="preference learning rate of stage pref (AdamW, constant after a 10-step warm-up; the mDPO "
+                         "authors' value)")
 g_pref.add_argument("--sft_weight", type=float, default=0.0,
                     help="alpha of RPO's NLL term on the chosen response, added to every loss of stage pref "
                          "(losses.chosen_nll_loss; TRL's rpo_alpha); logged as nll/chosen")
