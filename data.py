@@ -298,7 +298,7 @@ class PairSet:
 
 def hallucinate(rng, scene, n_edits, keep_length=False):
     """The faithful caption of `scene` with up to `n_edits` plausible errors, each either an
-    absent object added at a free cell (usually the missing companion of a present anchor: the
+    absent object added at a free cell (usually the missing companion of a present cue: the
     co-occurrence bias) or a true mention whose colour or shape is changed. keep_length: never
     add; the absent object REPLACES a true mention instead, so both captions have equal length."""
     mentions = [(o.cell, o.colour, o.shape) for o in scene]

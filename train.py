@@ -116,7 +116,7 @@ g_run.add_argument("--resume", action="store_true",
                         "finished with the same settings and code are kept and the interrupted one continues or restarts")
 g_world = parser.add_argument_group("world", "the synthetic world's bias")
 g_world.add_argument("--cooc", type=float, default=world.COOC,
-                     help="probability that an anchor object's companion joins a training scene")
+                     help="probability that a cue object's companion joins a training scene")
 g_world.add_argument("--caption_noise", type=float, default=1.0,
                      help="fraction of bias-breaking training captions that mention the absent companion")
 g_tok = parser.add_argument_group("tokenizer", "how an image becomes tokens")
