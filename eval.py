@@ -294,7 +294,7 @@ def headline(rows):
 
 
 def rebuild_comparison(out_dir, args):
-    """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
+    """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<slug>_s<seed>.pt: rows by slug)."""
     rows, stats = {}, None
     paths = [os.path.join(out_dir, "sft.pt")] + sorted(glob.glob(os.path.join(out_dir, "pref_*_s*.pt")))
     for path in paths:
