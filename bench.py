@@ -58,7 +58,7 @@ import model
 import sft
 import train
 import world
-from checkpoint import command_line, read_checkpoint, save_atomic, seed_everything, tokenizer_fields
+from checkpoint import Refused, command_line, read_checkpoint, save_atomic, seed_everything, tokenizer_fields
 from vq import VQVAE
 
 UNITS = {"peak": "matmul peak", "batch": "sft batch (host)", "sft": "sft step (device)", "pref": "pref step",
@@ -155,8 +155,7 @@ def main(argv=None):
     n_decode = b.decode_batch or (4 if b.tiny else DECODE_BATCH)
     a = train.parser.parse_args((TINY if b.tiny else []) + rest)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {a.device}, but this torch ({torch.__version__}) sees no CUDA device", file=sys.stderr)
-        sys.exit(2)
+        raise Refused(f"error: --device {a.device}, but this torch ({torch.__version__}) sees no CUDA device")
     args = train.resolve(a)
     dev, rng = args.device, random.Random(args.seed)
     seed_everything(args.seed)

@@ -105,6 +105,23 @@ def command_line(main):
         sys.exit(2)
 
 
+def pick(flag, value, labels):
+    """The slugs --<flag> names: 'all' (every one, in order) or a comma-separated list of them.
+    labels: {slug: its label in the tables}. A label typed where its slug belongs, or an unknown name,
+    is refused in one line that says what to type."""
+    if value == "all":
+        return list(labels)
+    names = [v.strip() for v in value.split(",")]
+    slugs = {label: slug for slug, label in labels.items()}
+    fixed = [slugs.get(v, v) for v in names]
+    if fixed != names and all(v in labels for v in fixed):
+        raise Refused(f"error: --{flag} takes short names, not the tables' labels: use --{flag} {','.join(fixed)}")
+    unknown = [v for v in fixed if v not in labels]
+    if unknown:
+        raise Refused(f"error: --{flag}: unknown {unknown[0]!r}; choose all, or from {', '.join(labels)}")
+    return names
+
+
 def read_checkpoint(path, device, keys, what="checkpoint"):
     """torch.load with weights_only=True: tensors, numbers, strings and containers only, so a
     pickle that would call a function (open a file, run a command) is refused before it runs.

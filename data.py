@@ -6,13 +6,13 @@ prompts).
 """
 import math
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 
 from world import (CANONICAL, CELLS, COLOURS, COMPANION, HELD_OUT, MAX_OBJECTS, NAMES, NUMBERS, PLURAL,
-                   PROBE_WORDS, RELATIONS, RELATION_CELLS, SHAPES, SYMBOLS, TRAIN_KINDS, caption_words,
+                   PROBE_WORDS, Obj, RELATIONS, RELATION_CELLS, SHAPES, SYMBOLS, TRAIN_KINDS, caption_words,
                    hallucinated_mentions, in_test_bucket, mention_words, sample_scene)
 
 # -----------------------------------------------------------------------------
@@ -261,9 +261,44 @@ class Pair:
     n_edits: int = 1         # constructed pairs: 1 = hard (one subtle error), 2-3 = easy
 
 
+@dataclass
+class PairSet:
+    """A set of preference pairs and what the losses need of them, computed once per seed and shared
+    by every run that trains on them (pref.build_pairs for understanding, genpairs.gen_pair_data for
+    generation). N pairs."""
+    pairs: list                   # data.Pair (understanding) or genpairs.GenPair (generation)
+    task: str = "und"             # 'und': image + question -> answer; 'gen': prompt -> image codes
+    codes: list = None            # und: each pair's image codes
+    crop_codes: list = None       # und: those of its ONE corrupted crop, for policy and reference alike
+    n_onpolicy: int = 0           # und: pairs sampled from the SFT model (the others are constructed)
+    # images (True, or False for the no-image control) -> (N, 3) float32: the frozen reference's
+    # log-probs of chosen, rejected and corrupted chosen (mDPO's condition)
+    ref_logps: dict = field(default_factory=dict)
+    scores: object = None         # (N, 2) float32 tensor: DAMA's data-aware scores of chosen, rejected
+    score_gap_mean: float = None  # DAMA's dbar: the mean of scores[:, 0] - scores[:, 1]
+
+    def ref(self, images=True):
+        """(N, 3): the reference's log-probs of chosen, rejected, corrupted chosen, with or without images."""
+        return self.ref_logps[images]
+
+    def to_dict(self):
+        """Understanding pairs as plain containers and tensors, what pairs_s<seed>.pt holds (read back
+        with torch.load(weights_only=True), which loads no class)."""
+        return {"pairs": [asdict(p) for p in self.pairs], "codes": self.codes, "crop_codes": self.crop_codes,
+                "n_onpolicy": self.n_onpolicy, "ref_1": self.ref_logps[True], "ref_0": self.ref_logps[False],
+                "scores": self.scores, "score_gap_mean": self.score_gap_mean}
+
+    @classmethod
+    def from_dict(cls, d):
+        pairs = [Pair(tuple(Obj(**o) for o in p["scene"]), **{k: v for k, v in p.items() if k != "scene"})
+                 for p in d["pairs"]]
+        return cls(pairs, "und", d["codes"], d["crop_codes"], d["n_onpolicy"],
+                   {True: d["ref_1"], False: d["ref_0"]}, d["scores"], d["score_gap_mean"])
+
+
 def hallucinate(rng, scene, n_edits, keep_length=False):
     """The faithful caption of `scene` with up to `n_edits` plausible errors, each either an
-    absent object added at a free cell (usually the missing companion of a present anchor: the
+    absent object added at a free cell (usually the missing companion of a present cue: the
     co-occurrence bias) or a true mention whose colour or shape is changed. keep_length: never
     add; the absent object REPLACES a true mention instead, so both captions have equal length."""
     mentions = [(o.cell, o.colour, o.shape) for o in scene]

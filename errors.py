@@ -2,6 +2,8 @@
 Its own module, so that dist.py, which checkpoint.py imports, can raise it too."""
 
 
-class Refused(SystemExit):
-    """Bad input, said in one line that names the file and the problem. The entry points print it
-    and exit with status 2; nothing in out/ has been written when it is raised."""
+class Refused(Exception):
+    """Bad input, said in one line that names the file and the problem. Every entry point (train.py,
+    eval.py, bench.py, each torchrun rank of train.py) prints it on stderr and exits with status 2;
+    nothing in out/ has been written when it is raised. An Exception, not a SystemExit: a caller
+    that runs a stage from Python can catch it."""

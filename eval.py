@@ -3,7 +3,7 @@ Evaluate a checkpoint exactly against the world's ground truth; no model judges 
 
     python eval.py --ckpt out/sft.pt            # writes out/eval_sft.{json,md,png}
 
-Understanding, on held-out 'test' scenes (ordinary), 'bias' scenes (an anchor without its
+Understanding, on held-out 'test' scenes (ordinary), 'bias' scenes (a cue without its
 companion) and 'combo' scenes (held-out colour+shape combinations): answer accuracy per question
 type, caption exact match, per-object precision / recall, and hallucination of captions
 (CHAIR_i, CHAIR_s, Cover; defined in caption_scores and in the README). Generation, GenEval-style with the scene
@@ -296,7 +296,7 @@ def headline(rows):
 
 
 def rebuild_comparison(out_dir, args):
-    """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<method>_s<seed>.pt)."""
+    """The comparison table again, from the checkpoints in out_dir (sft.pt, pref_<slug>_s<seed>.pt: rows by slug)."""
     rows, stats = {}, None
     paths = [os.path.join(out_dir, "sft.pt")] + sorted(glob.glob(os.path.join(out_dir, "pref_*_s*.pt")))
     for path in paths:

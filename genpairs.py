@@ -130,12 +130,12 @@ def build_world_pairs(tok, args, rng):
 
 
 def gen_pair_data(ref, vocab, pairs, args):
-    """GenPairs -> the pair data the preference losses take, shaped like pref.build_pairs' (task 'gen'):
+    """GenPairs -> the data.PairSet the preference losses take, like pref.build_pairs' (task 'gen'):
     the frozen reference's log-probs cached once (chosen, rejected, chosen under the corrupted
     prompt) and the parser scores, whose mean gap is DAMA's dbar."""
-    P = {"task": "gen", "pairs": pairs, "scores": torch.tensor([p.scores for p in pairs], dtype=torch.float32)}
-    P["ref_1"] = pref.reference_logps(ref, vocab, P, range(len(pairs)), True, args)
-    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
+    P = data.PairSet(pairs, task="gen", scores=torch.tensor([p.scores for p in pairs], dtype=torch.float32))
+    P.ref_logps[True] = pref.reference_logps(ref, vocab, P, range(len(pairs)), True, args)
+    P.score_gap_mean = float((P.scores[:, 0] - P.scores[:, 1]).mean())
     return P
 
 
@@ -161,6 +161,6 @@ def gen_preference_data(args, sft_path, kinds=("on", "real", "world")):
         out[kind] = P = gen_pair_data(ref, vocab, pairs, args)
         tasks = {t: sum(p.example.task == t for p in pairs) for t in data.GEN_TASKS}
         log(args, f"gen pairs s{args.seed} | {kind} | {len(pairs)} pairs | score gap mean "
-                        f"{P['score_gap_mean']:.3f} | by task {tasks}")
+                        f"{P.score_gap_mean:.3f} | by task {tasks}")
     log(args, f"gen pairs s{args.seed} | built in {time.perf_counter() - t0:.0f} s")
     return out, missing

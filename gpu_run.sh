@@ -25,7 +25,7 @@ if [ -n "${TINY:-}" ]; then     # every stage, barely: a check that the script r
           --gen_pairs 6 --diag_every 1 --joint_steps 2 --joint_eval_n 4 --probe_steps 2 --probe_n 4
           --self_prompts 8 --self_steps 2)
     bench=(--tiny --device cpu)
-    full=("${tiny[@]}" --rows "gen DPO (world pairs)")   # (one row of the joint study: its others are tested elsewhere)
+    full=("${tiny[@]}" --rows gen_dpo_world)   # (one row of the joint study: its others are tested elsewhere)
     ddp=("${tiny[@]}")
     vq64=("${tiny[@]}" --curve_every 2 --curve_n 4)
 else

@@ -3,7 +3,7 @@ Preference optimisation for GENERATION, and joint preference training of underst
 generation: do the two tasks help each other or fight? (stage `joint` of train.py)
 
     python train.py --stage joint                    # the trade-off table, from out/sft.pt
-    python train.py --stage joint --rows "gen DPO,joint naive sum" --pref_seeds 1
+    python train.py --stage joint --rows gen_dpo,joint_naive --pref_seeds 1   # two rows (slugs of ROWS)
 
 Generation pairs (genpairs.py): on-policy (the best and the worst of K samples of the SFT model,
 scored by the scene parser), real vs generated (the true render against the worst sample), and
@@ -40,31 +40,34 @@ import stepmetrics
 import report
 import sft
 import world
-from checkpoint import Refused, file_digest, load_model, log, seed_everything, write_atomic
+from checkpoint import file_digest, load_model, log, pick, seed_everything, write_atomic
 
-# row of the trade-off table -> (strategy, generation method, generation pairs)
+# row of the trade-off table: slug (--rows) -> (label in study.md and study.json, strategy, generation
+# method, generation pairs)
 ROWS = {
-    "und DPO": ("und", "dpo", "on"),
-    "gen DPO": ("gen", "dpo", "on"),
-    "gen DPO (real vs generated)": ("gen", "dpo", "real"),
-    "gen mDPO (ours: corrupted prompt)": ("gen", "mdpo", "on"),
-    "gen mDPO without the conditional term": ("gen", "mdpo_nocond", "on"),
-    "gen DAMA (parser score gap)": ("gen", "dama", "on"),
-    "und DPO (world pairs)": ("und", "dpo", "world"),      # (its generation gradient is measured on world pairs)
-    "gen DPO (world pairs)": ("gen", "dpo", "world"),
-    "joint naive sum": ("naive", "dpo", "on"),
-    "joint w_U = N/(N+T)": ("wu", "dpo", "on"),
-    "joint grad-norm balanced": ("gradnorm", "dpo", "on"),
-    "joint PCGrad": ("pcgrad", "dpo", "on"),
-    "joint per-task beta": ("beta", "dpo", "on"),
-    "joint naive sum (world pairs)": ("naive", "dpo", "world"),
+    "und_dpo": ("und DPO", "und", "dpo", "on"),
+    "gen_dpo": ("gen DPO", "gen", "dpo", "on"),
+    "gen_dpo_real": ("gen DPO (real vs generated)", "gen", "dpo", "real"),
+    "gen_mdpo": ("gen mDPO (ours: corrupted prompt)", "gen", "mdpo", "on"),
+    "gen_mdpo_nocond": ("gen mDPO without the conditional term", "gen", "mdpo_nocond", "on"),
+    "gen_dama": ("gen DAMA (parser score gap)", "gen", "dama", "on"),
+    "und_dpo_world": ("und DPO (world pairs)", "und", "dpo", "world"),   # (its generation gradient: on world pairs)
+    "gen_dpo_world": ("gen DPO (world pairs)", "gen", "dpo", "world"),
+    "joint_naive": ("joint naive sum", "naive", "dpo", "on"),
+    "joint_wu": ("joint w_U = N/(N+T)", "wu", "dpo", "on"),
+    "joint_gradnorm": ("joint grad-norm balanced", "gradnorm", "dpo", "on"),
+    "joint_pcgrad": ("joint PCGrad", "pcgrad", "dpo", "on"),
+    "joint_beta": ("joint per-task beta", "beta", "dpo", "on"),
+    "joint_naive_world": ("joint naive sum (world pairs)", "naive", "dpo", "world"),
 }
-# the study's post-hoc rows, built from two trained rows of the same seed without training:
-# Rewarded Soups (Rame et al. 2023): the weights of the understanding-only and the generation-only
-# models interpolated, lambda x und + (1 - lambda) x gen; and the oracle of two separate models
-SOUP_OF = ("und DPO", "gen DPO")
-SOUPS = {f"soup lambda={lam:g} (und DPO x gen DPO)": lam for lam in (0.3, 0.5, 0.7)}
-ORACLE = "oracle: und DPO model reads, gen DPO model draws"
+LABELS = {slug: row[0] for slug, row in ROWS.items()}
+# the study's post-hoc rows, built from two trained rows of the same seed without training (they come
+# with those two rows): Rewarded Soups (Rame et al. 2023), slug -> (label, lambda): the weights of the
+# understanding-only and the generation-only models interpolated, lambda x und + (1 - lambda) x gen;
+# and the oracle of two separate models
+SOUP_OF = ("und_dpo", "gen_dpo")
+SOUPS = {f"soup_{lam:g}": (f"soup lambda={lam:g} (und DPO x gen DPO)", lam) for lam in (0.3, 0.5, 0.7)}
+ORACLE = {"oracle": "oracle: und DPO model reads, gen DPO model draws"}
 
 
 # -----------------------------------------------------------------------------
@@ -163,8 +166,9 @@ def diagnostics(step, grads, halves, groups, wide):
 # training one row of the table
 
 def train_row(args, row, PU, PG, sft_path):
-    """Preference-train a copy of the SFT model for one row of the table; returns (model, diagnostics)."""
-    strategy, gen_method, gen_kind = ROWS[row]
+    """Preference-train a copy of the SFT model for one row of the table (its slug, a key of ROWS);
+    returns (model, diagnostics, curves)."""
+    label, strategy, gen_method, gen_kind = ROWS[row]
     policy, tok, vocab, _ = load_model(sft_path, args.device)
     ref = load_model(sft_path, args.device)[0]
     policy.train()
@@ -176,8 +180,8 @@ def train_row(args, row, PU, PG, sft_path):
     opt = sft.adamw(params, args.joint_lr, args.device)
     PG = PG[gen_kind]
     # w_U = N / (N + T): N labelled tokens of an image (codes + <eoi>), T of an understanding answer
-    N = len(PG["pairs"][0].chosen) + 1
-    T = float(np.mean([len(p.chosen) + 1 for p in PU["pairs"]]))
+    N = len(PG.pairs[0].chosen) + 1
+    T = float(np.mean([len(p.chosen) + 1 for p in PU.pairs]))
     a_gen = copy.copy(args)
     if strategy == "beta":
         a_gen.beta = args.gen_beta if args.gen_beta else args.beta * T / N   # equal beta * tokens per task
@@ -199,7 +203,7 @@ def train_row(args, row, PU, PG, sft_path):
             if not (active or measure):
                 continue
             if len(orders[t]) < args.pref_batch:          # epochs over the pairs, reshuffled
-                orders[t] += rngs[t].sample(range(len(P["pairs"])), len(P["pairs"]))
+                orders[t] += rngs[t].sample(range(len(P.pairs)), len(P.pairs))
             idx, orders[t] = orders[t][:args.pref_batch], orders[t][args.pref_batch:]
             # a measurement never touches the training state (DAMA's gap EMA and its selection generator)
             gap0 = state[t]["gap_mean"]
@@ -236,7 +240,7 @@ def train_row(args, row, PU, PG, sft_path):
             policy.train()
             parts = [f"{t} loss {np.mean([m['loss'] for m in r]):.4f} dpo {np.mean([m['dpo_loss'] for m in r]):.4f} "
                      f"acc {np.mean([m['rewards/accuracies'] for m in r]):.2f}" for t, r in recent.items() if r]
-            log(args, f"joint {row} s{args.seed} | step {step} | " + " | ".join(parts)
+            log(args, f"joint {label} s{args.seed} | step {step} | " + " | ".join(parts)
                       + f" | cos {last['cos']:+.3f} | rho {last['rho']:.2f} | KL/token und {kl['und']:.4f} "
                         f"gen {kl['gen']:.4f} | {ms:.0f} ms/step")
             t_log = time.perf_counter()
@@ -294,13 +298,13 @@ def posthoc_rows(trained, evals, tok, vocab, args, stats, sft):
     if not all(r in trained for r in SOUP_OF):
         return {}
     out = {}
-    for row, lam in SOUPS.items():
+    for label, lam in SOUPS.values():
         model = load_model(sft, args.device)[0]
         model.load_state_dict(soup([trained[r] for r in SOUP_OF], lam))
         model.eval()
-        out[row] = {"lambda": lam, **tradeoff_eval(model, tok, vocab, args, stats)}
+        out[label] = {"lambda": lam, **tradeoff_eval(model, tok, vocab, args, stats)}
     und, gen = (evals[r] for r in SOUP_OF)
-    out[ORACLE] = {k: (gen if k.startswith("gen_") else und)[k] for k in OUTCOME_COLS}
+    out[ORACLE["oracle"]] = {k: (gen if k.startswith("gen_") else und)[k] for k in OUTCOME_COLS}
     return out
 
 
@@ -309,10 +313,7 @@ def study(args):
     post-hoc rows; writes out_dir/study.{md,json}. A row whose generation pairs cannot be built
     (a model that draws nothing parseable has no on-policy pairs) is left empty, with the reason."""
     sft = os.path.join(args.out_dir, "sft.pt")
-    rows_wanted = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
-    unknown = [r for r in rows_wanted if r not in ROWS]
-    if unknown:
-        raise Refused(f"error: unknown --rows {unknown}; choose from {list(ROWS)}")
+    rows_wanted = pick("rows", args.rows, LABELS)
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
     model, tok, vocab, _ = load_model(sft, args.device)
@@ -320,34 +321,35 @@ def study(args):
     log(args, f"joint | KV cache: {speed['images']} images in {speed['cached_s']:.2f} s cached, "
                     f"{speed['uncached_s']:.2f} s uncached: {speed['speedup']:.1f}x")
     rows, curves, empty, pair_counts = {"SFT": [tradeoff_eval(model, tok, vocab, args, stats)]}, {}, {}, {}
-    kinds = tuple(k for k in ("on", "real", "world") if any(ROWS[r][2] == k for r in rows_wanted))
+    kinds = tuple(k for k in ("on", "real", "world") if any(ROWS[r][3] == k for r in rows_wanted))
     for seed in [args.seed + i for i in range(args.pref_seeds)]:
         a = copy.copy(args)
         a.seed = seed
         PU = pref.preference_data(a, sft)
         PG, missing = genpairs.gen_preference_data(a, sft, kinds)
-        pair_counts[seed] = {k: len(P["pairs"]) for k, P in PG.items()}
+        pair_counts[seed] = {k: len(P.pairs) for k, P in PG.items()}
         trained, evals = {}, {}
-        for row in rows_wanted:
-            if ROWS[row][2] in missing:
-                empty.setdefault(row, {})[seed] = missing[ROWS[row][2]]
-                log(args, f"joint {row} s{seed} | left empty: {missing[ROWS[row][2]]}")
+        for row in rows_wanted:             # (a slug; the tables and study.json name it by its label)
+            label, kind = ROWS[row][0], ROWS[row][3]
+            if kind in missing:
+                empty.setdefault(label, {})[seed] = missing[kind]
+                log(args, f"joint {label} s{seed} | left empty: {missing[kind]}")
                 continue
             t = time.perf_counter()
             policy, summary, curve = train_row(a, row, PU, PG, sft)
-            curves.setdefault(row, []).append(curve)
+            curves.setdefault(label, []).append(curve)
             evals[row] = tradeoff_eval(policy, tok, vocab, a, stats)
             r = {**summary, **evals[row]}
-            rows.setdefault(row, []).append(r)
+            rows.setdefault(label, []).append(r)
             if row in SOUP_OF:
                 trained[row] = policy
-            log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
+            log(args, f"joint {label} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS + DIAG_COLS
                                                                    if k in r)
                       + f" | trained and evaluated in {time.perf_counter() - t:.0f} s")
         for row, r in posthoc_rows(trained, evals, tok, vocab, a, stats, sft).items():
             rows.setdefault(row, []).append(r)
             log(args, f"joint {row} s{seed} | " + " | ".join(f"{k} {r[k]:.3f}" for k in OUTCOME_COLS))
-    first = next((rs[0] for k, rs in rows.items() if k in ROWS), {})
+    first = next((rs[0] for k, rs in rows.items() if k in LABELS.values()), {})
     layer_cols = [c for c in first if c.startswith("cos_block") or c in ("cos_embed", "cos_ln_f")]
     head = (f"`python train.py --stage joint` | {args.pref_seeds} seed(s) from one SFT model | "
             f"{args.pairs} understanding + {args.gen_pairs} generation pairs per seed, {args.joint_steps} steps "
@@ -355,7 +357,7 @@ def study(args):
             f"sampled at T={args.gen_temperature:g} with CFG {args.cfg_scale:g} (pairs and eval), {args.joint_eval_n} "
             f"held-out prompts per task | KV cache {speed['speedup']:.1f}x faster | {args.device} | "
             f"{time.perf_counter() - t0:.0f} s\n\n")
-    trained = {k: v for k, v in rows.items() if k in ROWS}
+    trained = {k: v for k, v in rows.items() if k in LABELS.values()}
     empty_in = {s for e in empty.values() for s in e}
     md = (head + f"Outcomes: generation on test-split prompts at T={args.gen_temperature:g} ('single', 'two' and "
           "'position' prompts name no colour, so those prompts also occur in training; the others fix the scene "

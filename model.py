@@ -125,6 +125,34 @@ class GPTConfig:
     cell_words: tuple = ()
 
 
+class KVCache:
+    """One attention layer's keys and values while decoding. The buffers are allocated at the first
+    forward, for the whole decode (`size` positions), and written in place: concatenating onto a
+    growing cache copied it all at every step. `len` positions are filled. The first layer's cache
+    also counts the image tokens seen so far in each row, `n_img` (B, 1), for GPT.cell_embedding."""
+
+    def __init__(self, size=None):
+        self.size = size                # None: as many positions as the first forward feeds
+        self.k = self.v = None          # (B, nh, size, hs) each, once allocated
+        self.len = 0
+        self.n_img = 0
+
+    def append(self, k, v):
+        """Write the new keys and values k, v (B, nh, T, hs); returns every position's so far, each
+        (B, nh, len, hs). After the first forward, one token at a time."""
+        if self.k is None:
+            size = k.size(2) if self.size is None else self.size
+            self.k, self.v = (t.new_empty(t.size(0), t.size(1), size, t.size(3)) for t in (k, v))
+        elif k.size(2) != 1:
+            raise ValueError("with a filled KV cache, feed one token at a time")
+        t0, T = self.len, k.size(2)
+        if t0 + T > self.k.size(2):
+            raise ValueError(f"KV cache of {self.k.size(2)} positions is full")
+        self.k[:, :, t0:t0 + T], self.v[:, :, t0:t0 + T] = k, v
+        self.len = t0 + T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, cfg):
@@ -141,20 +169,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in (q, k, v))                                 # (B, nh, T, hs)
         if cache is not None:
-            # a buffer allocated once for the whole decode (cache["size"] positions), written in place:
-            # concatenating onto a growing cache copied it all at every step
-            if "k" not in cache:
-                size = cache.get("size", T)
-                cache["k"], cache["v"] = (t.new_empty(B, self.n_head, size, C // self.n_head) for t in (k, v))
-                cache["len"] = 0
-            elif T != 1:
-                raise ValueError("with a filled KV cache, feed one token at a time")
-            t0 = cache["len"]
-            if t0 + T > cache["k"].size(2):
-                raise ValueError(f"KV cache of {cache['k'].size(2)} positions is full")
-            cache["k"][:, :, t0:t0 + T], cache["v"][:, :, t0:t0 + T] = k, v
-            cache["len"] = t0 + T
-            k, v = cache["k"][:, :, :t0 + T], cache["v"][:, :, :t0 + T]   # (B, nh, T_past + T, hs)
+            k, v = cache.append(k, v)                                   # (B, nh, T_past + T, hs)
         # causal among the new tokens; a single new token may attend to everything cached
         y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -225,14 +240,14 @@ class GPT(nn.Module):
         return self.wte.weight + F.pad(img, (0, 0, n_text, 0))          # (V, C)
 
     def forward(self, idx, caches=None, table=None, at=None):
-        """idx (B, T) -> logits (B, T, V). `caches`: one dict per layer (KV cache), or None.
+        """idx (B, T) -> logits (B, T, V). `caches`: one KVCache per layer, or None.
         `table`: embedding_table() if the caller already has it (one computation for several
         forwards of one step; its gradient flows back the same way).
         `at`: (B, T) bool, the positions whose logits are wanted: then (N, V), in row-major order.
         Training scores a quarter of the positions: the other ones are needed as keys and values up to
         the last block's attention, but not by its projection, its MLP or the output head."""
         B, T = idx.size()
-        start = caches[0]["len"] if caches and "k" in caches[0] else 0
+        start = caches[0].len if caches else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.cfg.block_size}")
         trained = torch.is_grad_enabled()
@@ -257,10 +272,10 @@ class GPT(nn.Module):
         it asks with; zero for text. An image token's place in its image = how many image tokens
         came before it, counted on from the KV cache while decoding."""
         is_img = idx >= self.cfg.vocab_size - self.cfg.n_codes         # (B, T)
-        before = caches[0].get("n_img", 0) if caches else 0              # image tokens in the cache
+        before = caches[0].n_img if caches else 0                        # image tokens in the cache
         place = (before + is_img.long().cumsum(1) - 1).clamp(min=0) % len(self.cell_words)
         if caches:
-            caches[0]["n_img"] = before + is_img.long().sum(1, keepdim=True)   # (B, 1)
+            caches[0].n_img = before + is_img.long().sum(1, keepdim=True)      # (B, 1)
         words = F.embedding(self.cell_words[place], table).sum(2)         # (B, T, C)
         return words * is_img.unsqueeze(-1)
 
@@ -275,7 +290,7 @@ class GPT(nn.Module):
         uncond_idx (B, T'), cfg_scale w: classifier-free guidance, logits = (1+w)*cond - w*uncond
             (Show-o), the unconditional branch being the same request without its prompt."""
         branches = [idx] + ([uncond_idx] if uncond_idx is not None else [])
-        caches = [[{"size": b.size(1) + n_new} for _ in self.blocks] if use_cache else None for b in branches]
+        caches = [[KVCache(b.size(1) + n_new) for _ in self.blocks] if use_cache else None for b in branches]
         out = idx.new_empty(idx.size(0), 0)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         new, table = None, self.embedding_table()                     # fixed while decoding

@@ -3,13 +3,12 @@ Stage 3: preference optimisation for understanding. DPO, mDPO, DAMA and the pape
 from the same SFT model on the same pairs, then compared on the hallucination benchmark (eval.hallucination).
 
     python train.py --stage pref                     # every method x --pref_seeds, from out/sft.pt
-    python train.py --stage pref --method mdpo       # one method
+    python train.py --stage pref --method mdpo       # one method (--method takes the slugs of ROW_LABELS)
 
 The pairs carry everything the losses need, computed once: the codes of the real and of the
 corrupted image, the frozen reference's log-probs, and DAMA's clause scores.
 """
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -25,7 +24,7 @@ import pictures
 import report
 import sft
 import world
-from checkpoint import (Refused, differences, file_digest, load_model, log, read_checkpoint, save_atomic,
+from checkpoint import (Refused, differences, file_digest, load_model, log, pick, read_checkpoint, save_atomic,
                         seed_everything, settings, write_atomic)
 from losses import chosen_nll_loss, dama_loss, dpo_loss, mdpo_loss
 from model import amp_context, chunked_logps, lengths, to_device
@@ -40,11 +39,13 @@ METHODS = {
     "mdpo_nocond": ("mdpo", True, {"use_conditional": False}),
     "mdpo_noanchor": ("mdpo", True, {"use_anchor": False}),
 }
-# the comparison's rows for the two remedies of the alignment tax: row -> (method, flags set for that row)
+# the comparison's rows for the two remedies of the alignment tax: slug -> (label, method, flags set for that row)
 REMEDY_ROWS = {
-    "dpo + NLL (sft_weight 1)": ("dpo", {"sft_weight": 1.0}),   # RPO's alpha = 1
-    "dpo + SFT mix (sft_mix 0.5)": ("dpo", {"sft_mix": 0.5}),
+    "dpo_nll": ("dpo + NLL (sft_weight 1)", "dpo", {"sft_weight": 1.0}),   # RPO's alpha = 1
+    "dpo_sftmix": ("dpo + SFT mix (sft_mix 0.5)", "dpo", {"sft_mix": 0.5}),
 }
+# every row of the comparison: slug (--method, checkpoint names) -> label (compare.md, compare.json)
+ROW_LABELS = {**{m: m for m in METHODS}, **{slug: row[0] for slug, row in REMEDY_ROWS.items()}}
 
 # -----------------------------------------------------------------------------
 # stage 3: preference optimisation for understanding (DPO, mDPO, DAMA and the controls)
@@ -52,7 +53,7 @@ REMEDY_ROWS = {
 def build_pairs(model, tok, vocab, args, rng):
     """Preference pairs on held-in training scenes, with everything the losses need precomputed:
     the codes of the real and of the corrupted image, the frozen reference's log-probs (computed
-    ONCE here, then cached) and DAMA's clause scores. Returns a dict of lists and tensors."""
+    ONCE here, then cached) and DAMA's clause scores. Returns a data.PairSet."""
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     n_on = int(round(args.pairs * args.onpolicy))
     pairs = []
@@ -78,11 +79,11 @@ def build_pairs(model, tok, vocab, args, rng):
                                            args.length_matched))
     imgs = np.stack([world.render(p.scene) for p in pairs])
     crops = np.stack([data.corrupt_image(rng, im)[0] for im in imgs])   # ONE crop per pair, for policy and reference
-    P = {"pairs": pairs, "codes": tok.encode(imgs).tolist(), "crop_codes": tok.encode(crops).tolist(),
-         "n_onpolicy": n_policy}
+    P = data.PairSet(pairs, codes=tok.encode(imgs).tolist(), crop_codes=tok.encode(crops).tolist(),
+                     n_onpolicy=n_policy)
     for images in (True, False):   # reference log-probs with the images, and without (the no-image control)
-        P[f"ref_{int(images)}"] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
-    P["scores"] = clause_scores(model, vocab, P, args)
+        P.ref_logps[images] = reference_logps(model, vocab, P, range(len(pairs)), images, args)
+    P.scores = clause_scores(model, vocab, P, args)
     return P
 
 
@@ -92,13 +93,13 @@ def pair_batch(vocab, P, idx, images, corrupted):
     one concatenated forward pass."""
     seqs = [[], [], []]
     for i in idx:
-        if P.get("task") == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
-            p = P["pairs"][i]
+        if P.task == "gen":   # generation (joint.py): prompt -> image codes; mDPO's condition is the prompt
+            p = P.pairs[i]
             seqs[0].append(data.gen_sequence(vocab, p.chosen, p.prompt))
             seqs[1].append(data.gen_sequence(vocab, p.rejected, p.prompt))
             seqs[2].append(data.gen_sequence(vocab, p.chosen, p.corrupted))
             continue
-        p, c, k = P["pairs"][i], P["codes"][i], P["crop_codes"][i]
+        p, c, k = P.pairs[i], P.codes[i], P.crop_codes[i]
         if not images:   # the unconditional control: every image removed from the preference data
             c = k = []
         seqs[0].append(data.und_sequence(vocab, c, p.question, p.chosen))
@@ -137,7 +138,7 @@ def clause_scores(ref, vocab, P, args):
     object of a caption), per token; a softmax over the clauses of BOTH responses turns these
     into probabilities; a response's score is the sum over its clauses. Returns (N, 2) float32."""
     seqs, owner = [], []
-    for i, (p, c) in enumerate(zip(P["pairs"], P["codes"])):
+    for i, (p, c) in enumerate(zip(P.pairs, P.codes)):
         prompt = data.und_prompt(vocab, c, p.question)
         for side, words in enumerate((p.chosen, p.rejected)):
             before = []
@@ -150,10 +151,10 @@ def clause_scores(ref, vocab, P, args):
     pair_of = torch.tensor([i for i, _ in owner])
     side_of = torch.tensor([s for _, s in owner])
     # softmax over the clauses of each pair (both responses together), then sum per response
-    shifted = per_token - torch.zeros(len(P["pairs"])).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
+    shifted = per_token - torch.zeros(len(P.pairs)).scatter_reduce(0, pair_of, per_token, "amax", include_self=False)[pair_of]
     e = shifted.exp()
-    prob = e / torch.zeros(len(P["pairs"])).index_add(0, pair_of, e)[pair_of]
-    return torch.zeros(len(P["pairs"]), 2).index_put((pair_of, side_of), prob, accumulate=True)
+    prob = e / torch.zeros(len(P.pairs)).index_add(0, pair_of, e)[pair_of]
+    return torch.zeros(len(P.pairs), 2).index_put((pair_of, side_of), prob, accumulate=True)
 
 
 def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
@@ -165,7 +166,7 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
     kind, images, opts = METHODS[method]
     corrupted = kind == "mdpo"        # (also without the conditional term, for the imageless metrics)
     pc, pr, pk, ntok, chosen_tokens = pair_logps(policy, vocab, P, idx, images, corrupted, args)
-    ref = to_device(P[f"ref_{int(images)}"][idx], pc.device)                      # (B, 3), cached
+    ref = to_device(P.ref(images)[idx], pc.device)                                # (B, 3), cached
     rc, rr, rk = ref.unbind(1)
     m = {}
     if kind == "dpo":
@@ -178,12 +179,12 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
         m["rewards/imageless_margins"] = (cr - kr).mean()
         m["rewards/imageless_accuracies"] = (cr > kr).float().mean()
     else:
-        s = to_device(P["scores"][idx], pc.device)
+        s = to_device(P.scores[idx], pc.device)
         # (dama_loss waits for the device once, int((w > 0).sum()), left in losses.py, which users copy
         # as it is; a tensor gap_mean (dama_state) spares it a second wait, h.mean().item())
         losses, cr, rj, beta_used, keep, state["gap_mean"] = dama_loss(
             pc, pr, rc, rr, s[:, 0], s[:, 1], state["gap_mean"], beta=args.beta,
-            score_gap_mean=P["score_gap_mean"], generator=state["generator"])
+            score_gap_mean=P.score_gap_mean, generator=state["generator"])
         loss = (losses * keep).sum() / keep.sum()
         m["beta_used"], m["kept"] = beta_used.mean(), keep.sum().long()   # (an integer tensor: an int when read)
     # (chosen_nll_loss checks (chosen_lengths < 1).any() on the device: one wait a step, left in losses.py)
@@ -201,9 +202,8 @@ def pref_step_loss(policy, vocab, P, idx, method, args, state, sft_weight=0.0):
 
 def train_pref(args, method, P, sft_path, name=None):
     """Preference-optimise a copy of the SFT model; the SFT model itself is the frozen reference
-    (its log-probs are already cached in P). Writes out_dir/pref_<name>_s<seed>.pt (name: the method's,
-    unless given); returns its path
-    and the per-step metrics (the training curves: logps/chosen, logps/rejected, rewards/margins, ...).
+    (its log-probs are already cached in P). Writes out_dir/pref_<name>_s<seed>.pt (name: the row's slug,
+    by default the method's); returns its path and the per-step metrics (the curves: logps/chosen, rewards/margins, ...).
     Every --pref_ckpt_every steps the whole training state goes to <that path>.part (model, optimizer,
     batch order and its RNG, DAMA's running gap and selection generator), which --resume continues.
 
@@ -242,7 +242,7 @@ def train_pref(args, method, P, sft_path, name=None):
     last_log = start
     for step in range(start + 1, args.pref_steps + 1):
         if len(order) < args.pref_batch:                 # epochs over the pairs, reshuffled
-            order += rng.sample(range(len(P["pairs"])), len(P["pairs"]))
+            order += rng.sample(range(len(P.pairs)), len(P.pairs))
         idx, order = order[:args.pref_batch], order[args.pref_batch:]
         for g in opt.param_groups:
             g["lr"] = args.pref_lr * min(1.0, step / 10)
@@ -309,17 +309,16 @@ def preference_data(args, sft_path):
     if os.path.exists(path):
         kept = read_checkpoint(path, "cpu", ("pairs", "made_with"), "pairs file")
         if kept["made_with"] == made_with:
-            P = {**kept, "pairs": [data.Pair(tuple(world.Obj(**o) for o in p.pop("scene")), **p) for p in kept["pairs"]]}
-            del P["made_with"]
-            log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs from {path}")
+            P = data.PairSet.from_dict(kept)
+            log(args, f"pairs s{args.seed} | {len(P.pairs)} pairs from {path}")
             return P
     ref, tok, vocab, _ = load_model(sft_path, args.device)
     t0 = time.perf_counter()
     P = build_pairs(ref, tok, vocab, args, random.Random(args.seed))
-    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())   # DAMA's dbar, measured
-    save_atomic({**P, "pairs": [dataclasses.asdict(p) for p in P["pairs"]], "made_with": made_with}, path)
-    log(args, f"pairs s{args.seed} | {len(P['pairs'])} pairs ({P['n_onpolicy']} on-policy) | "
-              f"score_gap_mean {P['score_gap_mean']:.4f} | {time.perf_counter() - t0:.0f} s")
+    P.score_gap_mean = float((P.scores[:, 0] - P.scores[:, 1]).mean())   # DAMA's dbar, measured
+    save_atomic({**P.to_dict(), "made_with": made_with}, path)
+    log(args, f"pairs s{args.seed} | {len(P.pairs)} pairs ({P.n_onpolicy} on-policy) | "
+              f"score_gap_mean {P.score_gap_mean:.4f} | {time.perf_counter() - t0:.0f} s")
     return P
 
 
@@ -340,9 +339,9 @@ def compare(args):
     """Stage pref: train every method (or --method) on the same pairs for each seed, evaluate each
     with the hallucination benchmark, and write out_dir/compare.{md,json,png}."""
     sft = os.path.join(args.out_dir, "sft.pt")
-    # (row, method, flags): every method at the run's settings, then the remedies' rows
-    wanted = [(m, m, {}) for m in (METHODS if args.method == "all" else args.method.split(","))]
-    wanted += [(row, m, flags) for row, (m, flags) in REMEDY_ROWS.items() if args.method == "all"]
+    # (label, slug, method, flags): a method at the run's settings, or a remedy's row
+    wanted = [(ROW_LABELS[s], s, *(REMEDY_ROWS[s][1:] if s in REMEDY_ROWS else (s, {})))
+              for s in pick("method", args.method, ROW_LABELS)]
     seeds = [args.seed + i for i in range(args.pref_seeds)]
     stats = world.training_statistics(cooc=args.cooc)
     t0 = time.perf_counter()
@@ -354,8 +353,8 @@ def compare(args):
         a = copy.copy(args)
         a.seed = seed
         P = shared_preference_data(a, sft)
-        for row, m, flags in wanted:
-            t, b, name = time.perf_counter(), copy.copy(a), row.split(" (")[0].replace(" + ", "+").replace(" ", "_")
+        for row, name, m, flags in wanted:
+            t, b = time.perf_counter(), copy.copy(a)
             for k, v in flags.items():
                 setattr(b, k, v)
             mine, i = i % dist.WORLD == dist.RANK, i + 1
@@ -384,7 +383,8 @@ def compare(args):
     head = (f"`python train.py --stage pref` | {len(seeds)} seed(s) of preference training from one SFT model | "
             f"{args.pairs} pairs, {args.pref_steps} steps of {args.pref_batch} pairs, beta {args.beta}, "
             f"lr {args.pref_lr}, sft_weight {args.sft_weight}, sft_mix {args.sft_mix}"
-            + ("; the rows '+ NLL' and '+ SFT mix' add a remedy for the alignment tax" if args.method == "all" else "")
+            + ("; the rows '+ NLL' and '+ SFT mix' add a remedy for the alignment tax"
+               if any(w[1] in REMEDY_ROWS for w in wanted) else "")
             + f" | {args.eval_n} held-out scenes per split | {args.device} | "
             f"{seconds:.0f} s\n\n")
     write_atomic(os.path.join(args.out_dir, "compare.md"), head + table)

@@ -55,7 +55,7 @@ def _trained(f, key):   # the joint-study rows that trained something
     return [v for row, v in f[key].items() if row != "SFT"]
 
 
-NLL, MIX = list(pref.REMEDY_ROWS)
+NLL, MIX = (label for label, _, _ in pref.REMEDY_ROWS.values())   # the remedies' rows, by their labels in compare.json
 # (finding, the stage output it is read from, f -> (holds, what was measured)); f = facts(stem, rows)
 CLAIMS = [
     ("DPO lowers bias CHAIR_i by at least half", "compare",

@@ -27,14 +27,16 @@ from checkpoint import file_digest, log, settings, write_atomic
 # where the sweep starts: the plain losses at the settings the comparison used before the tax was
 # measured (its default lr is now 1e-5, the row "lr 1e-5"); the other flags are the run's
 PLAIN = {"pref_lr": 1e-4, "pref_steps": 200, "beta": 0.1, "sft_weight": 0.0, "sft_mix": 0.0}
-# (name, flags changed from the plain losses)
-GRID = [("plain", {}),
-        ("lr 3e-5", {"pref_lr": 3e-5}), ("lr 1e-5", {"pref_lr": 1e-5}),
-        ("steps 50", {"pref_steps": 50}), ("steps 100", {"pref_steps": 100}), ("steps 400", {"pref_steps": 400}),
-        ("beta 0.03", {"beta": 0.03}), ("beta 0.3", {"beta": 0.3}), ("beta 1", {"beta": 1.0}),
-        ("sft_weight 0.2", {"sft_weight": 0.2}), ("sft_weight 1", {"sft_weight": 1.0}),
-        ("sft_weight 3", {"sft_weight": 3.0}),
-        ("sft_mix 0.5", {"sft_mix": 0.5}), ("sft_mix 1", {"sft_mix": 1.0})]
+# (slug: the run's checkpoint name; label: tax.md and tax.json; flags changed from the plain losses)
+GRID = [("plain", "plain", {}),
+        ("lr_3e-5", "lr 3e-5", {"pref_lr": 3e-5}), ("lr_1e-5", "lr 1e-5", {"pref_lr": 1e-5}),
+        ("steps_50", "steps 50", {"pref_steps": 50}), ("steps_100", "steps 100", {"pref_steps": 100}),
+        ("steps_400", "steps 400", {"pref_steps": 400}),
+        ("beta_0.03", "beta 0.03", {"beta": 0.03}), ("beta_0.3", "beta 0.3", {"beta": 0.3}),
+        ("beta_1", "beta 1", {"beta": 1.0}),
+        ("sft_weight_0.2", "sft_weight 0.2", {"sft_weight": 0.2}), ("sft_weight_1", "sft_weight 1", {"sft_weight": 1.0}),
+        ("sft_weight_3", "sft_weight 3", {"sft_weight": 3.0}),
+        ("sft_mix_0.5", "sft_mix 0.5", {"sft_mix": 0.5}), ("sft_mix_1", "sft_mix 1", {"sft_mix": 1.0})]
 METHODS = ("dpo", "mdpo", "dama")
 # what one run of the sweep depends on, besides the SFT model (its digest) and the setting: --resume
 # keeps a recorded run when these agree, whatever the flags of other stages or the number of seeds
@@ -69,7 +71,7 @@ def table(sft, runs, bar):
 
 def _order(item):
     (name, method), _ = item
-    return METHODS.index(method), [g for g, _ in GRID].index(name)
+    return METHODS.index(method), [label for _, label, _ in GRID].index(name)
 
 
 def _run_flags(s):
@@ -95,7 +97,7 @@ def sweep(args):
         a = copy.copy(args)
         a.seed, a.resume = args.seed + k, False
         P = None
-        for name, flags in GRID:
+        for slug, name, flags in GRID:
             for method in METHODS:
                 b = copy.copy(a)
                 for key, v in {**PLAIN, **flags}.items():
@@ -104,7 +106,7 @@ def sweep(args):
                 if rec is None or _run_flags(rec["settings"]) != _run_flags(settings(b)):
                     P = P or pref.preference_data(a, sft)
                     t = time.perf_counter()
-                    ckpt, _ = pref.train_pref(b, method, P, sft, name=f"tax_{method}_{name.replace(' ', '_')}")
+                    ckpt, _ = pref.train_pref(b, method, P, sft, name=f"tax_{method}_{slug}")
                     r = pref.bench(ckpt, args, stats)
                     os.remove(ckpt)          # the numbers are kept, not the 42 checkpoints
                     rec = {"setting": name, "method": method, "seed": b.seed, "settings": settings(b),

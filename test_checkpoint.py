@@ -3,6 +3,7 @@
     python -m unittest test_checkpoint
 """
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,8 @@ import torch
 
 import checkpoint
 import data
+import joint
+import pref
 import train
 import world
 from model import PatchTokenizer
@@ -124,6 +127,38 @@ class TestBadInput(unittest.TestCase):
             with self.assertRaisesRegex(checkpoint.Refused, "cannot write to out_dir .*a_file/out"):
                 train.main(["--stage", "tokenizer", "--out_dir", os.path.join(blocker, "out"), "--device", "cpu"])
             self.assertEqual(os.listdir(d), ["a_file"])                      # the refusals wrote nothing
+
+
+class TestSlugs(unittest.TestCase):
+    """--rows and --method take short names (slugs); the tables' labels are refused with the slugs to type."""
+
+    def test_pick(self):
+        labels = {"gen_dpo": "gen DPO", "joint_naive": "joint naive sum", "dpo": "dpo"}
+        self.assertEqual(checkpoint.pick("rows", "all", labels), ["gen_dpo", "joint_naive", "dpo"])
+        self.assertEqual(checkpoint.pick("rows", "joint_naive, gen_dpo", labels), ["joint_naive", "gen_dpo"])
+        with self.assertRaisesRegex(checkpoint.Refused, "^error: --rows takes short names, not the tables' labels: "
+                                                        "use --rows gen_dpo,joint_naive$"):
+            checkpoint.pick("rows", "gen DPO,joint naive sum", labels)
+        with self.assertRaisesRegex(checkpoint.Refused, "^error: --method: unknown 'dpo\\+NLL'; choose all, or from "
+                                                        "gen_dpo, joint_naive, dpo$"):
+            checkpoint.pick("method", "dpo,dpo+NLL", labels)
+
+    def test_every_slug_is_a_short_name_and_every_label_distinct(self):
+        for labels in (pref.ROW_LABELS, joint.LABELS):
+            self.assertTrue(all(re.fullmatch(r"[a-z_]+", s) for s in labels), list(labels))
+            self.assertEqual(len(set(labels.values())), len(labels))
+        self.assertEqual(pref.ROW_LABELS["dpo_nll"], "dpo + NLL (sft_weight 1)")      # compare.json's key
+
+    def test_a_label_on_the_command_line_is_one_line_and_status_2(self):
+        with tempfile.TemporaryDirectory() as d:
+            for flag, value, hint in (("--rows", "gen mDPO (ours: corrupted prompt)", "use --rows gen_mdpo"),
+                                      ("--method", "dpo + NLL (sft_weight 1)", "use --method dpo_nll")):
+                proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--stage", "joint", flag, value,
+                                       "--out_dir", d, "--device", "cpu"], capture_output=True, text=True, timeout=300)
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+                self.assertIn(hint, proc.stderr)
+            self.assertEqual(os.listdir(d), [])                              # refused before anything ran
 
 
 if __name__ == "__main__":

@@ -45,9 +45,9 @@ class TestWorld(unittest.TestCase):
     def test_cooccurrence_bias_and_caption_noise(self):
         rng = random.Random(1)
         scenes = [world.sample_scene(rng, "train") for _ in range(4000)]
-        with_anchor = [s for s in scenes if any(a in {o.kind for o in s} for a in world.COMPANION)]
-        joined = [s for s in with_anchor if not world.breaks_bias(s)]
-        self.assertGreater(len(joined) / len(with_anchor), world.COOC - 0.05)
+        with_cue = [s for s in scenes if any(a in {o.kind for o in s} for a in world.COMPANION)]
+        joined = [s for s in with_cue if not world.breaks_bias(s)]
+        self.assertGreater(len(joined) / len(with_cue), world.COOC - 0.05)
         breaking = [s for s in scenes if world.breaks_bias(s)][:100]
         self.assertTrue(breaking)
         for s in breaking:
@@ -59,16 +59,16 @@ class TestWorld(unittest.TestCase):
                 self.assertTrue(noisy - kinds <= set(world.COMPANION.values()) and noisy - kinds)
 
     def test_prone_kinds_are_the_companions(self):
-        """Cog's hallucination-prone objects, from training statistics: an anchor's companion (and a
-        companion's anchor), nothing for any other object, nothing when there is no bias."""
+        """Cog's hallucination-prone objects, from training statistics: a cue's companion (and a
+        companion's cue), nothing for any other object, nothing when there is no bias."""
         pairs_of = {**world.COMPANION, **{c: a for a, c in world.COMPANION.items()}}
         for cooc in (world.COOC, 0.9):
             freq, pairs = world.training_statistics(n=3000, cooc=cooc)
             for k in world.TRAIN_KINDS:
                 scene = (world.Obj(*k, 4, 0, 0),)
                 self.assertEqual(world.prone_kinds(scene, freq, pairs), {pairs_of[k]} if k in pairs_of else set(), k)
-            anchor, comp = next(iter(world.COMPANION.items()))
-            self.assertEqual(world.prone_kinds((world.Obj(*anchor, 0, 0, 0), world.Obj(*comp, 8, 0, 0)), freq, pairs),
+            cue, comp = next(iter(world.COMPANION.items()))
+            self.assertEqual(world.prone_kinds((world.Obj(*cue, 0, 0, 0), world.Obj(*comp, 8, 0, 0)), freq, pairs),
                              set())                                              # present: not a hallucination
         freq, pairs = world.training_statistics(n=3000, cooc=0.0)
         self.assertFalse(any(world.prone_kinds((world.Obj(*k, 4, 0, 0),), freq, pairs) for k in world.TRAIN_KINDS))

@@ -227,9 +227,9 @@ class TestJointTraining(unittest.TestCase):
                                          gen_beta=None, diag_every=1, log_every=1, eval_seed=0)
             P = genpairs.gen_pair_data(model, vocab, pairs, args)
             PG = {"on": P, "real": P, "world": P}
-            self.assertEqual(tuple(P["ref_1"].shape), (8, 3))
+            self.assertEqual(tuple(P.ref(True).shape), (8, 3))
             before = torch.cat([p.flatten() for p in model.parameters()])
-            for row, (strategy, _, _) in joint.ROWS.items():
+            for row, (_, strategy, _, _) in joint.ROWS.items():
                 policy, s, curve = joint.train_row(args, row, PU, PG, sft)
                 self.assertEqual([m["step"] for m in curve["gen"]], [1, 2], row)   # measured on every step here
                 after = torch.cat([p.flatten() for p in policy.parameters()])
@@ -240,7 +240,7 @@ class TestJointTraining(unittest.TestCase):
                 self.assertGreater(s["rho"], 0)
                 self.assertTrue(-1 <= s["cos"] <= 1)
                 # w_U = N / (N + T); per-task beta: beta * T / N (N = 9 codes + <eoi>, T = answer tokens)
-                T = float(np.mean([len(p.chosen) + 1 for p in PU["pairs"]]))
+                T = float(np.mean([len(p.chosen) + 1 for p in PU.pairs]))
                 self.assertAlmostEqual(s["w_U"], 10 / (10 + T))
                 self.assertAlmostEqual(s["beta_gen"], args.beta * T / 10 if strategy == "beta" else args.beta)
             # policy == reference: the generation DPO loss is ln 2

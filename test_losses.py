@@ -3,7 +3,10 @@
 Run from the repo root (CPU, a few seconds):
     python -m unittest test_losses -v
     python -m pytest -q test_losses.py
-Hand-check values are the ones in ../shared/REFERENCE.md, computed there from the formulas.
+Hand-check values are computed from the papers' formulas: DPO (Rafailov et al. 2023, arXiv:2305.18290,
+Eq. 7), mDPO (Wang et al. 2024, arXiv:2406.11839; github.com/luka-group/mDPO) and DAMA (Lu et al.
+2025, arXiv:2502.01943, Eq. 15-16 and Algorithm 1; github.com/injadlu/DAMA); the released loss code is
+transcribed below to compare against.
 """
 import ast
 import itertools
@@ -47,7 +50,8 @@ def softplus(x):
 
 
 def hand_dama(h, cw, cl, gap_mean, keep, beta=0.1, dbar=DBAR, momentum=0.9):
-    """REFERENCE.md's DAMA formulas in plain python floats, with the kept indices S given.
+    """DAMA's formulas (arXiv:2502.01943, Eq. 15-16 and Algorithm 1, with the released code's 1e-3 floor on
+    beta_i) in plain python floats, with the kept indices S given.
 
     Returns (beta_i, per-sample losses, kept-mean loss, new gap_mean, unclamped beta_i)."""
     alpha_D = [sigmoid(w - l) / sigmoid(dbar) for w, l in zip(cw, cl)]
@@ -540,7 +544,7 @@ class TestDAMA(Case):
         self.assertClose(self.run_dama(h, 0.5, momentum=1.0)[5], 0.5)
 
     def test_hand_check_with_nonzero_gap_mean(self):
-        """REFERENCE.md's hand-check moved to gap_mean != 0, once as a float and once as a 0-dim
+        """The DAMA hand-check moved to gap_mean != 0, once as a float and once as a 0-dim
         tensor: beta_i, losses, the kept-mean loss and the new gap_mean, from the formulas (hand_dama,
         plain python) AND as literal numbers. Replacing sigma(gap_mean) by 0.5 would move beta_i by
         20-34% here, far beyond the 1e-6 tolerance (asserted below, so the case cannot drift to one

@@ -188,16 +188,19 @@ class TestTransformer(unittest.TestCase):
 
     def test_kv_cache_is_one_buffer_filled_in_place(self):
         v = self.vocab
-        cache = [{"size": 12} for _ in self.model.blocks]
+        cache = [model.KVCache(12) for _ in self.model.blocks]
         with torch.no_grad():
             self.model(self.ids[:2, :10], cache)
-            self.assertEqual([c["len"] for c in cache], [10] * len(cache))
-            buf = cache[0]["k"]
+            self.assertEqual([c.len for c in cache], [10] * len(cache))
+            buf = cache[0].k
             self.model(self.ids[:2, 10:11], cache)
-            self.assertIs(cache[0]["k"], buf)                # written in place, not re-allocated
+            self.assertIs(cache[0].k, buf)                   # written in place, not re-allocated
+            self.assertEqual(cache[0].len, 11)
             self.model(self.ids[:2, 11:12], cache)
             with self.assertRaisesRegex(ValueError, "full"):
                 self.model(self.ids[:2, 12:13], cache)
+            with self.assertRaisesRegex(ValueError, "one token at a time"):
+                self.model(self.ids[:2, 10:12], cache)
         self.assertEqual(tuple(buf.shape), (2, self.model.cfg.n_head, 12, self.model.cfg.n_embd // self.model.cfg.n_head))
 
     def test_sampler_draws_the_given_distribution(self):
@@ -332,7 +335,7 @@ class TestPipeline(unittest.TestCase):
             self.assertTrue({"model", "optimizer", "config", "step", "rng", "tokenizer"} <= set(ck))
             train.main(["--stage", "sft", "--steps", "5", "--resume", "--dtype", "bfloat16"] + tiny)
             # a new SFT model: the stages' results now come from another one, and the report refuses to mix them
-            with self.assertRaisesRegex(SystemExit, "eval_sft.json was made from another SFT model"):
+            with self.assertRaisesRegex(checkpoint.Refused, "eval_sft.json was made from another SFT model"):
                 train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
             self.assertEqual(torch.load(os.path.join(d, "sft.pt"), weights_only=True)["step"], 5)
             with open(os.path.join(d, "log.txt")) as f:
@@ -360,7 +363,7 @@ class TestPipeline(unittest.TestCase):
             self.assertIn("Not part of preset `tiny`: `python train.py --stage probe`", text)
             self.assertEqual(set(report.read_json(os.path.join(d, "run.json"))["stages"]),
                              {"tokenizer", "sft", "eval", "pref", "all"})
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "unknown 'nonsense'; choose all, or from dpo, mdpo"):
                 train.main(["--stage", "pref", "--method", "dpo,nonsense"] + small)
 
     def test_bad_input_is_refused(self):
@@ -368,15 +371,15 @@ class TestPipeline(unittest.TestCase):
             for argv in (["--steps", "0"], ["--n_embd", "30", "--n_head", "4"], ["--caption_noise", "2"]):
                 with self.assertRaises(SystemExit):
                     train.main(argv + ["--out_dir", d])
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "no tokenizer at"):
                 train.main(["--stage", "sft", "--resume", "--out_dir", d])   # no tokenizer there yet
-            with self.assertRaisesRegex(SystemExit, r"run.json is missing; run `python train.py"):
+            with self.assertRaisesRegex(checkpoint.Refused, r"run.json is missing; run `python train.py"):
                 train.main(["--stage", "report", "--out_dir", d, "--device", "cpu"])
-            with self.assertRaises(SystemExit):
+            with self.assertRaisesRegex(checkpoint.Refused, "no checkpoint at"):
                 checkpoint.load_model(os.path.join(d, "missing.pt"), "cpu")
             bad = os.path.join(d, "other_vocab.pt")       # a checkpoint of another vocabulary
             torch.save({"model_config": {"vocab_size": 3}, "n_codes": 8}, bad)
-            with self.assertRaisesRegex(SystemExit, "vocabulary of 3 tokens"):
+            with self.assertRaisesRegex(checkpoint.Refused, "vocabulary of 3 tokens"):
                 checkpoint.load_model(bad, "cpu")
 
 

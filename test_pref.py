@@ -32,7 +32,7 @@ def tiny_setup(n_pairs=24, seed=0):
                                  exists_frac=0.3, cooc=0.9, beta=0.1, grad_clip=1.0,
                                  length_matched=False)
     P = pref.build_pairs(model, tok, vocab, args, random.Random(seed))
-    P["score_gap_mean"] = float((P["scores"][:, 0] - P["scores"][:, 1]).mean())
+    P.score_gap_mean = float((P.scores[:, 0] - P.scores[:, 1]).mean())
     return tok, vocab, model, args, P
 
 
@@ -91,8 +91,8 @@ class TestPairs(unittest.TestCase):
 
     def test_built_pairs_and_cached_reference(self):
         tok, vocab, model, args, P = tiny_setup()
-        self.assertEqual(len(P["pairs"]), 24)
-        for p in P["pairs"]:
+        self.assertEqual(len(P.pairs), 24)
+        for p in P.pairs:
             if p.question == ["describe"]:
                 self.assertEqual(world.hallucinated_mentions(p.scene, p.chosen), 0)
                 self.assertGreater(world.hallucinated_mentions(p.scene, p.rejected), 0)
@@ -100,15 +100,15 @@ class TestPairs(unittest.TestCase):
         ids, _ = pref.pair_batch(vocab, P, [0, 1], True, True)
         crop_row = ids[4].tolist()
         self.assertEqual(crop_row[2:11],
-                         data.image_tokens(vocab, P["crop_codes"][0]))
-        self.assertNotEqual(P["crop_codes"][0], P["codes"][0])
+                         data.image_tokens(vocab, P.crop_codes[0]))
+        self.assertNotEqual(P.crop_codes[0], P.codes[0])
         # the cached reference log-probs equal a fresh computation, with and without images
         for images in (True, False):
             fresh = torch.stack(pref.pair_logps(model, vocab, P, [3, 5, 7], images, True, args)[:3], 1)
-            torch.testing.assert_close(P[f"ref_{int(images)}"][[3, 5, 7]], fresh, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(P.ref(images)[[3, 5, 7]], fresh, rtol=1e-5, atol=1e-4)
         # DAMA's clause scores are probabilities over the clauses of both responses
-        torch.testing.assert_close(P["scores"].sum(1), torch.ones(len(P["pairs"])))
-        self.assertTrue(bool((P["scores"] >= 0).all()))
+        torch.testing.assert_close(P.scores.sum(1), torch.ones(len(P.pairs)))
+        self.assertTrue(bool((P.scores >= 0).all()))
 
     def test_one_step_of_every_method(self):
         tok, vocab, model, args, P = tiny_setup(n_pairs=8)
@@ -203,11 +203,16 @@ class TestPairs(unittest.TestCase):
             kept = pref.preference_data(a, sft_path)
             log = open(os.path.join(d, "log.txt")).read().splitlines()
             self.assertRegex(log[-1], r"^pairs s0 \| 8 pairs from .*pairs_s0.pt$")
-            self.assertEqual(sorted(kept), sorted(built))
-            self.assertEqual(kept["pairs"], built["pairs"])           # data.Pair and world.Obj again, equal
-            self.assertIsInstance(kept["pairs"][0].scene[0], world.Obj)
-            for k in ("ref_0", "ref_1", "scores"):
-                self.assertTrue(torch.equal(kept[k], built[k]), k)
+            self.assertEqual(kept.pairs, built.pairs)                 # data.Pair and world.Obj again, equal
+            self.assertIsInstance(kept.pairs[0].scene[0], world.Obj)
+            for images in (True, False):
+                self.assertTrue(torch.equal(kept.ref(images), built.ref(images)), images)
+            self.assertTrue(torch.equal(kept.scores, built.scores))
+            self.assertEqual((kept.codes, kept.crop_codes, kept.n_onpolicy, kept.score_gap_mean),
+                             (built.codes, built.crop_codes, built.n_onpolicy, built.score_gap_mean))
+            # the file holds plain containers and tensors only: it loads with weights_only=True
+            on_disk = torch.load(os.path.join(d, "pairs_s0.pt"), weights_only=True)
+            self.assertEqual(on_disk["pairs"], [asdict(p) for p in built.pairs])
             # other pair settings: built again (and the file then holds the new ones)
             b = types.SimpleNamespace(**{**vars(a), "exists_frac": 0.9})
             pref.preference_data(b, sft_path)

@@ -16,6 +16,7 @@ import torch
 
 import report
 import train
+from checkpoint import Refused
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8",
@@ -111,7 +112,7 @@ class TestKillAndResume(unittest.TestCase):
             self.assertRegex(log, r"pref mdpo s0 \| resumed at step \d+")       # the mDPO run continued
             # a finished pipeline resumed with other settings is refused, and nothing is changed
             before = read(os.path.join(out, "run.json"))
-            with self.assertRaisesRegex(SystemExit, r"stage tokenizer ran with other settings \(--beta 0.1 -> 0.2\)"):
+            with self.assertRaisesRegex(Refused, r"stage tokenizer ran with other settings \(--beta 0.1 -> 0.2\)"):
                 train.main(TINY + ["--out_dir", out, "--resume", "--beta", "0.2"])
             self.assertEqual(read(os.path.join(out, "run.json")), before)
 

@@ -12,6 +12,7 @@ import pref
 import seeds
 import tax
 import train
+from checkpoint import Refused
 
 TINY = ["--tok_images", "300", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--batch_size", "8",
         "--steps", "12", "--log_every", "5", "--eval_n", "4", "--device", "cpu", "--pairs", "8", "--pref_steps", "2",
@@ -26,7 +27,7 @@ def comparison(sft=(0.20, 1.0, 0.99), **methods):
     """compare.json rows of one SFT model: every method at the given (CHAIR_i, Cover, answer_acc), two seeds."""
     base = dict(dpo=(0.02, 0.3, 0.93), mdpo=(0.0, 0.99, 0.98), dama=(0.01, 0.2, 0.92), dpo_noimage=(0.1, 0.8, 0.95),
                 mdpo_nocond=(0.0, 0.99, 0.97), mdpo_noanchor=(0.01, 0.5, 0.9))
-    base.update(zip(pref.REMEDY_ROWS, [(0.0, 0.97, 0.95), (0.0, 0.9, 0.985)]))
+    base.update(zip([label for label, _, _ in pref.REMEDY_ROWS.values()], [(0.0, 0.97, 0.95), (0.0, 0.9, 0.985)]))
     base.update(methods)
     return {"sft": [row(*sft)], **{m: [row(*v), row(*v)] for m, v in base.items()}}
 
@@ -67,7 +68,7 @@ class TestTax(unittest.TestCase):
     def test_the_sweep_runs_every_setting_and_method(self):
         with tempfile.TemporaryDirectory() as d:
             train.main(TINY + ["--out_dir", d, "--stage", "tokenizer,sft"])
-            grid = [("plain", {}), ("sft_weight 1", {"sft_weight": 1.0})]
+            grid = [("plain", "plain", {}), ("sft_weight_1", "sft_weight 1", {"sft_weight": 1.0})]
             with mock.patch.object(tax, "GRID", grid), mock.patch.object(tax, "METHODS", ("dpo", "mdpo")):
                 train.main(TINY + ["--out_dir", d, "--stage", "tax"])
                 with open(os.path.join(d, "tax.json")) as f:
@@ -121,7 +122,7 @@ class TestSeveralSftModels(unittest.TestCase):
             res["sft_digest"] = "0" * 12
             with open(other, "w") as f:
                 json.dump(res, f)
-            with self.assertRaisesRegex(SystemExit, "sft1/compare.json was made from another SFT model"):
+            with self.assertRaisesRegex(Refused, "sft1/compare.json was made from another SFT model"):
                 seeds.write(d, 2)
             # a stage that did not finish on every model: the report says from which, the findings count those
             os.remove(other)

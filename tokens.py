@@ -34,12 +34,14 @@ import os
 
 import numpy as np
 
+import joint
 import report
 import world
 from checkpoint import Refused, file_digest, log, read_checkpoint, seed_everything, writable, write_atomic
 
-WORLD_ROWS = ("und DPO (world pairs)", "gen DPO (world pairs)", "joint naive sum (world pairs)")
-POLICY_ROWS = ("und DPO", "gen DPO", "joint naive sum")
+# the joint study's rows each model runs (slugs of joint.ROWS; study.json names them by their labels)
+WORLD_ROWS = ("und_dpo_world", "gen_dpo_world", "joint_naive_world")
+POLICY_ROWS = ("und_dpo", "gen_dpo", "joint_naive")
 DRAWS = 0.5            # the SFT model's GenEval at T=0 from which the on-policy rows are added
 PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-Pro 7B / 1B, as the study reports
 
@@ -105,18 +107,18 @@ def model_record(d, n, k):
     digest = file_digest(paths["sft.pt"])
     if not {"sft", "joint"} <= set(run) or {run["joint"]["sft_digest"], st["sft_digest"], ev["digest"]} != {digest}:
         return None
-    rows = st["rows"]
-    sft, und, gen, joint = rows["SFT"][0], rows[WORLD_ROWS[0]][0], rows[WORLD_ROWS[1]][0], rows[WORLD_ROWS[2]][0]
+    rows = {slug: st["rows"][label] for slug, label in joint.LABELS.items() if label in st["rows"]}
+    sft, (und, gen, both) = st["rows"]["SFT"][0], (rows[r][0] for r in WORLD_ROWS)
     tok = read_checkpoint(os.path.join(d, "tokenizer.pt"), "cpu", ("stats",), "tokenizer")["stats"]
     r = {"tokens": n, "sft_seed": run["sft"]["seed"], "k": k, "commits": sorted({s["commit"] for s in run.values()}),
          "roundtrip": tok["roundtrip_exact"], "answer_acc": ev["understanding"]["test"]["answer_acc"],
          "geneval_T0": ev["generation"]["test T=0"]["overall"],
          "bias_CHAIR_i": ev["understanding"]["bias"]["caption_CHAIR_i"],
-         "rho": joint["rho"], "rho_step1": joint["rho_step1"], "cos": joint["cos"],
-         "cos_within_und": joint["cos_within_und"], "cos_within_gen": joint["cos_within_gen"],
-         "w_U": joint["w_U"], "kl_gen": gen["kl_gen"], "kl_und": und["kl_und"],
+         "rho": both["rho"], "rho_step1": both["rho_step1"], "cos": both["cos"],
+         "cos_within_und": both["cos_within_und"], "cos_within_gen": both["cos_within_gen"],
+         "w_U": both["w_U"], "kl_gen": gen["kl_gen"], "kl_und": und["kl_und"],
          "gen_dpo_loss_end": gen["dpo_loss_gen_end"], "und_dpo_loss_end": und["dpo_loss_und_end"],
-         "joint_gen_dpo_loss_end": joint["dpo_loss_gen_end"],
+         "joint_gen_dpo_loss_end": both["dpo_loss_gen_end"],
          "geneval_change": gen["gen_overall"] - sft["gen_overall"],
          "answer_acc_change": und["answer_acc"] - sft["answer_acc"],
          "seconds": sum(s["seconds"] for s in run.values())}

@@ -43,8 +43,8 @@ import sft
 import tax
 import tokens
 import world
-from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick_device, seed_everything,
-                        set_global_rng_state, writable)
+from checkpoint import (Refused, auto_dtype, command_line, global_rng_state, log, pick, pick_device,
+                        seed_everything, set_global_rng_state, writable)
 
 # the pipeline, in order; each stage reads what the stages before it wrote to --out_dir
 STAGES = {
@@ -116,14 +116,13 @@ g_run.add_argument("--resume", action="store_true",
                         "finished with the same settings and code are kept and the interrupted one continues or restarts")
 g_world = parser.add_argument_group("world", "the synthetic world's bias")
 g_world.add_argument("--cooc", type=float, default=world.COOC,
-                     help="probability that an anchor object's companion joins a training scene")
+                     help="probability that a cue object's companion joins a training scene")
 g_world.add_argument("--caption_noise", type=float, default=1.0,
                      help="fraction of bias-breaking training captions that mention the absent companion")
 g_tok = parser.add_argument_group("tokenizer", "how an image becomes tokens")
 g_tok.add_argument("--tokenizer", default="patch", choices=["patch", "vq"],
                    help="the image tokenizer: 'patch' = k-means over the cells' pixels, a token names what is in "
-                        "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f); "
-                        "every preset defaults to patch: no model has yet been shown to draw at 64 tokens (FINDINGS.md)")
+                        "its patch (--patch); 'vq' = a VQ-VAE learned from the pixels, g x g tokens an image (--vq_f)")
 g_tok.add_argument("--vq_f", type=int, default=3, choices=[2, 3, 4, 8],
                    help="VQ-VAE downsampling factor: 3 = 8x8 = 64 tokens an image that do not line up with the 3x3 "
                         "cells, 2 = 144, 4 = 36, 8 = 9 (one a cell)")
@@ -135,7 +134,7 @@ g_tok.add_argument("--token_fs", default="patch,4,3",
                         "a VQ-VAE factor (4 = 36, 3 = 64, 2 = 144), each with --sft_seeds SFT models")
 g_tok.add_argument("--patch", type=int, default=8, choices=[4, 8],
                    help="tokenizer patch side, pixels: 8 = one token per cell (9 per image), "
-                        "4 = a cell is 2x2 tokens (36 per image; much slower to learn, FINDINGS.md)")
+                        "4 = a cell is 2x2 tokens (36 per image)")
 g_tok.add_argument("--n_codes", type=int, default=None,
                    help="codebook size (default: 512 for patch 8, 1024 for patch 4, 256 for vq)")
 g_tok.add_argument("--tok_images", type=int, default=20000, help="training renders the codebook is fitted on")
@@ -183,8 +182,8 @@ g_eval.add_argument("--eval_seed", type=int, default=1234, help="seed of the eva
 g_eval.add_argument("--cfg_scale", type=float, default=2.0, help="classifier-free guidance scale for images")
 g_pref = parser.add_argument_group("preference (stage pref)", "DPO, mDPO, DAMA and the controls on understanding")
 g_pref.add_argument("--method", default=None,
-                    help="preference methods of stage pref, comma-separated from " + ", ".join(pref.METHODS)
-                         + "; 'all' = every method and the alignment-tax remedies' rows (" + from_preset("method") + ")")
+                    help="rows of stage pref, comma-separated from " + ", ".join(pref.ROW_LABELS) + " (the last two: "
+                         "dpo with a remedy for the alignment tax), or all (" + from_preset("method") + ")")
 g_pref.add_argument("--pref_seeds", type=int, default=None,
                     help=f"seeds of each study from one SFT model: pref, joint, probe ({from_preset('pref_seeds')})")
 g_pref.add_argument("--pairs", type=int, default=None, help=f"preference pairs per seed ({from_preset('pairs')})")
@@ -201,8 +200,8 @@ g_pref.add_argument("--pref_ckpt_every", type=int, default=None,
                     help="steps between checkpoints of a preference run, what --resume continues "
                          f"({from_preset('pref_ckpt_every')})")
 g_pref.add_argument("--pref_lr", type=float, default=1e-5,
-                    help="preference learning rate of stage pref (AdamW, constant after warm-up); 1e-5 is the mDPO "
-                         "authors' and keeps answer accuracy (the tax sweep, FINDINGS.md); 1e-4 costs 0.03-0.06 of it")
+                    help="preference learning rate of stage pref (AdamW, constant after a 10-step warm-up; the mDPO "
+                         "authors' value)")
 g_pref.add_argument("--sft_weight", type=float, default=0.0,
                     help="alpha of RPO's NLL term on the chosen response, added to every loss of stage pref "
                          "(losses.chosen_nll_loss; TRL's rpo_alpha); logged as nll/chosen")
@@ -214,7 +213,9 @@ g_pref.add_argument("--tax_bar", type=float, default=0.02,
                     help="stage tax: the largest answer-accuracy drop from SFT that still meets the bar")
 g_joint = parser.add_argument_group("joint study (stage joint)", "preference optimisation of generation, and joint "
                                     "training with gradient diagnostics; the preference settings apply too")
-g_joint.add_argument("--rows", default="all", help="rows of the joint study, comma-separated names from joint.ROWS, or all")
+g_joint.add_argument("--rows", default="all",
+                     help="rows of the joint study, comma-separated from " + ", ".join(joint.LABELS) + ", or all "
+                          "(the soups and the oracle come with und_dpo and gen_dpo)")
 g_joint.add_argument("--gen_pairs", type=int, default=1000, help="generation preference pairs per seed (of each kind)")
 g_joint.add_argument("--gen_k", type=int, default=4, help="images sampled per prompt to build a generation pair")
 g_joint.add_argument("--gen_temperature", type=float, default=1.0,
@@ -254,9 +255,8 @@ def resolve(args):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-    unknown = [m for m in args.method.split(",") if m not in pref.METHODS] if args.method != "all" else []
-    if unknown:
-        parser.error(f"--method {args.method}: unknown method {unknown[0]!r}; choose all or from " + ", ".join(pref.METHODS))
+    pick("method", args.method, pref.ROW_LABELS)   # slugs: a table's label, or an unknown name, is refused here
+    pick("rows", args.rows, joint.LABELS)
     if args.n_codes is None and args.stage != "tokens":   # (the token-count study's worlds are all VQ-VAE ones)
         args.n_codes = 256 if args.tokenizer == "vq" else 512 if args.patch == 8 else 1024
     if args.workers is None:

@@ -8,9 +8,9 @@ object has a colour, a shape, a cell and a +-1 pixel jitter. Generation prompts 
 positions ("a red circle and a blue square") place their objects in canonical cells, like the
 pips of a die, so that a prompt determines its image up to jitter. The world is built to make a small model
 HALLUCINATE like real multimodal models do (README, "The world"):
-  (a) co-occurrence bias: each ANCHOR object is joined by its COMPANION in ~35% of the training
+  (a) co-occurrence bias: each CUE object is joined by its COMPANION in ~35% of the training
       scenes it is in, by any other kind in ~13% (COOC = 0.3);
-      the 'bias' test split holds scenes where an anchor appears WITHOUT its companion;
+      the 'bias' test split holds scenes where a cue appears WITHOUT its companion;
   (b) noisy instructions: a fraction (`caption_noise`) of training captions of such scenes mention
       the absent companion anyway, as real instruction data does;
   (c) visual difficulty: 6x6-pixel shapes (a circle is a square minus four corner pixels),
@@ -44,11 +44,11 @@ PLURAL = {s: s + ("es" if s.endswith("s") else "s") for s in SHAPES}
 CELLS = tuple(f"{r} {c}" for r in ("top", "middle", "bottom") for c in ("left", "center", "right"))
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 RELATIONS = ("left of", "right of", "above", "below")
-# (a) the co-occurrence bias: anchor -> companion, like "fork" -> "knife" in COCO
+# (a) the co-occurrence bias: cue -> companion, like "fork" -> "knife" in COCO
 COMPANION = {("red", "circle"): ("blue", "square"), ("yellow", "triangle"): ("green", "cross"),
              ("purple", "diamond"): ("orange", "circle"), ("green", "square"): ("red", "triangle")}
 # colour+shape combinations that never appear in training (compositional test split)
-COOC = 0.3                   # default probability that an anchor's companion joins a scene
+COOC = 0.3                   # default probability that a cue's companion joins a scene
 HELD_OUT = {("green", "triangle"), ("blue", "cross"), ("orange", "diamond"), ("yellow", "square")}
 KINDS = [(c, s) for c in COLOURS for s in SHAPES]
 TRAIN_KINDS = [k for k in KINDS if k not in HELD_OUT]
@@ -132,11 +132,11 @@ def _draw(rng, n, kinds, same=False, cells=None):
 
 
 def _add_companions(rng, scene, cooc):
-    """(a) With probability `cooc`, an anchor's companion joins the scene."""
+    """(a) With probability `cooc`, a cue's companion joins the scene."""
     objs = list(scene)
-    for anchor, comp in COMPANION.items():
+    for cue, comp in COMPANION.items():
         kinds = [o.kind for o in objs]
-        if anchor in kinds and comp not in kinds and rng.random() < cooc:
+        if cue in kinds and comp not in kinds and rng.random() < cooc:
             free = sorted(set(range(9)) - {o.cell for o in objs})
             jitter = (rng.choice(JITTER), rng.choice(JITTER))
             others = [i for i, o in enumerate(objs) if o.kind not in COMPANION]
@@ -149,7 +149,7 @@ def _add_companions(rng, scene, cooc):
 
 
 def sample_scene(rng, split, n=None, same=False, cooc=None, cells=None):
-    """One scene of a split: 'train', 'test' (ordinary held-out), 'bias' (held-out, an anchor
+    """One scene of a split: 'train', 'test' (ordinary held-out), 'bias' (held-out, a cue
     without its companion) or 'combo' (contains a held-out colour+shape combination).
     n: number of objects (default 2..5); same: all objects of one kind (counting);
     cells: the objects' cells, in order (default: random). Objects are returned in that order.
@@ -231,7 +231,7 @@ def centre(o):
 def caption_words(scene, rng=None, noise=0.0):
     """'top left red circle , middle center blue square'. (b) With probability `noise`, a scene
     that breaks the co-occurrence bias gets its missing companion mentioned anyway, in the first
-    free cell after its anchor (reading order), where a real companion would most often be
+    free cell after its cue (reading order), where a real companion would most often be
     described. A fixed place makes the error learnable: at a random free cell it would be
     spread over many continuations and greedy decoding would never make it."""
     mentions = [(o.cell, o.colour, o.shape) for o in scene]
@@ -240,8 +240,8 @@ def caption_words(scene, rng=None, noise=0.0):
         missing = [(a, c) for a, c in COMPANION.items() if a in kinds and c not in kinds]
         taken = {o.cell for o in scene}
         if missing and len(taken) < 9:
-            anchor, comp = rng.choice(missing)
-            start = next(o.cell for o in scene if o.kind == anchor)
+            cue, comp = rng.choice(missing)
+            start = next(o.cell for o in scene if o.kind == cue)
             cell = next((start + k) % 9 for k in range(1, 9) if (start + k) % 9 not in taken)
             mentions.append((cell, *comp))
     return mention_words(mentions)
@@ -349,7 +349,7 @@ def training_statistics(n=5000, seed=0, cooc=None):
 def prone_kinds(scene, freq, pairs, lift=2.0):
     """The hallucination-prone absent kinds of a scene: absent objects that, in training, join
     some present object at least `lift` times as often as the other kinds join it on average
-    (with COOC = 0.3 a companion joins its anchor in ~35% of its scenes, the others ~13%)."""
+    (with COOC = 0.3 a companion joins its cue in ~35% of its scenes, the others ~13%)."""
     present = {o.kind for o in scene}
     prone = set()
     for a in present:
