@@ -225,7 +225,7 @@ def compare_picture(path, sft_samples, pref_samples, name="mDPO", scale=4):
     coloured by what the judge found. *_samples: [(scene, predicted words)], the same scenes in order."""
     cards = [(world.render(scene), caption_text(scene, a, "SFT") + caption_text(scene, b, name))
              for (scene, a), (_, b) in zip(sft_samples, pref_samples)]
-    card_grid(path, f"Bias-breaking scenes (an anchor without its companion): SFT's and {name}'s captions",
+    card_grid(path, f"Bias-breaking scenes (a cue object without its companion): SFT's and {name}'s captions",
               [LEGEND], [("", cards)], world.CANVAS * scale)
 
 
