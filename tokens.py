@@ -181,7 +181,7 @@ def markdown(records, fits, header):
                       f"{PAPER['tokens']} (Janus-Pro 7B and 1B)."]
     lines += ["", "Each SFT model:", "",
               "| tokens | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO loss, end "
-              "| on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 7)]
+              "| on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 6)]
     for n, rs in by_n.items():
         for r in rs:
             on = [r.get(k) for k in ("onpolicy_gen_dpo_loss_end", "onpolicy_geneval_change", "onpolicy_rho")]
