@@ -30,8 +30,18 @@ class TestFit(unittest.TestCase):
         self.assertAlmostEqual(only0["at"][576], 2.0 * 576 ** -0.5)
         self.assertIsNone(tokens.fit([r for r in recs if r["tokens"] == 9]))   # one token count: no fit
 
+    def test_the_vq_vae_worlds_are_fitted_apart_from_the_patch_world(self):
+        # the VQ-VAE worlds follow rho = 2 n^-0.5 exactly; the patch world at 9 tokens lies far above it
+        recs = [{"tokens": n, "tokenizer": f"VQ-VAE f{f}", "sft_seed": 0, "rho": 2.0 * n ** -0.5,
+                 "rho_step1": 3.0 * n ** -0.25} for n, f in ((16, 6), (36, 4), (64, 3))]
+        recs.append({"tokens": 9, "tokenizer": "patch", "sft_seed": 0, "rho": 10.0, "rho_step1": 10.0})
+        f = tokens.fits(recs)
+        self.assertAlmostEqual(f["rho, VQ-VAE worlds"]["a"], 0.5)
+        self.assertAlmostEqual(f["rho_step1, VQ-VAE worlds"]["a"], 0.25)
+        self.assertGreater(f["rho"]["a"], 0.6)        # the patch world pulls the pooled fit
+
     def test_token_counts_of_the_factors(self):
-        self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,4,3,2")], [9, 9, 36, 64, 144])
+        self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,6,4,3,2")], [9, 9, 16, 36, 64, 144])
         for bad in ("5", "", "3,x", "1", "vq"):
             with self.assertRaisesRegex(Refused, "--token_fs"):
                 tokens.factors(bad)
@@ -54,8 +64,13 @@ class TestStudy(unittest.TestCase):
             self.assertIsNotNone(out["fits"]["rho"])
             with open(os.path.join(d, "tokens.md")) as f:
                 text = f.read()
-            self.assertIn("| 9 | 1 |", text)
-            self.assertIn("| 36 | 1 |", text)
+            self.assertIn("| 9 | patch | 1 |", text)
+            self.assertIn("| 36 | VQ-VAE f4 | 1 |", text)
+            for table in text.split("\n\n"):      # a delimiter row as wide as its header, or no table renders
+                rows = [line.count("|") for line in table.splitlines() if line.startswith("|")]
+                self.assertEqual(len(set(rows)), min(len(rows), 1), table)
+            # one VQ-VAE world: no fit over the VQ-VAE worlds alone
+            self.assertIsNone(out["fits"]["rho, VQ-VAE worlds"])
             # each model in its own directory, with its tokenizer's world
             study = report.read_json(os.path.join(d, "tokens", "t36", "sft0", "study.json"))
             self.assertEqual((study["config"]["vq_f"], study["config"]["n_codes"]), (4, 256))

@@ -110,7 +110,9 @@ def model_record(d, n, k):
     rows = {slug: st["rows"][label] for slug, label in joint.LABELS.items() if label in st["rows"]}
     sft, (und, gen, both) = st["rows"]["SFT"][0], (rows[r][0] for r in WORLD_ROWS)
     tok = read_checkpoint(os.path.join(d, "tokenizer.pt"), "cpu", ("stats",), "tokenizer")["stats"]
-    r = {"tokens": n, "sft_seed": run["sft"]["seed"], "k": k, "commits": sorted({s["commit"] for s in run.values()}),
+    cfg = st["config"]
+    r = {"tokens": n, "tokenizer": "patch" if cfg["tokenizer"] == "patch" else f"VQ-VAE f{cfg['vq_f']}",
+         "sft_seed": run["sft"]["seed"], "k": k, "commits": sorted({s["commit"] for s in run.values()}),
          "roundtrip": tok["roundtrip_exact"], "answer_acc": ev["understanding"]["test"]["answer_acc"],
          "geneval_T0": ev["generation"]["test T=0"]["overall"],
          "bias_CHAIR_i": ev["understanding"]["bias"]["caption_CHAIR_i"],
@@ -132,7 +134,8 @@ def model_record(d, n, k):
 
 def fit(records, key="rho"):
     """log rho = c - a log n by least squares: over all models pooled, and for each SFT seed that has
-    two token counts or more. Returns {'a', 'c', 'per_seed': {seed: a}, 'at': {n: rho predicted}}."""
+    two token counts or more. Returns {'a', 'c', 'per_seed': {seed: a}, 'at': {n: rho predicted}}, or
+    None under two token counts."""
     pts = [(r["tokens"], r[key]) for r in records]
     if len({n for n, _ in pts}) < 2:
         return None
@@ -142,8 +145,16 @@ def fit(records, key="rho"):
         mine = [r for r in records if r["sft_seed"] == s]
         if len({r["tokens"] for r in mine}) >= 2:
             per_seed[s] = float(-np.polyfit(np.log([r["tokens"] for r in mine]), np.log([r[key] for r in mine]), 1)[0])
-    at = {n: float(np.exp(c) * n ** slope) for n in (9, 36, 64, 144, PAPER["tokens"])}
+    at = {n: float(np.exp(c) * n ** slope) for n in (9, 16, 36, 64, 144, PAPER["tokens"])}
     return {"a": float(-slope), "c": float(c), "per_seed": per_seed, "at": at}
+
+
+def fits(records):
+    """The exponents of rho and of rho at step 1: over every model, and over the VQ-VAE worlds alone
+    (the patch tokenizer's 9-token world differs from them in kind, not only in count)."""
+    vq = [r for r in records if r["tokenizer"] != "patch"]
+    return {f"{key}{tag}": fit(rs, key) for tag, rs in (("", records), (", VQ-VAE worlds", vq))
+            for key in ("rho", "rho_step1")}
 
 
 COLS = [("SFT models", None), ("round trip", "roundtrip"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
@@ -153,10 +164,10 @@ COLS = [("SFT models", None), ("round trip", "roundtrip"), ("answer acc", "answe
         ("answer acc change", "answer_acc_change"), ("KL/token gen", "kl_gen")]
 
 
-def markdown(records, fits, header):
-    by_n = {}
-    for r in sorted(records, key=lambda r: (r["tokens"], r["sft_seed"])):
-        by_n.setdefault(r["tokens"], []).append(r)
+def markdown(records, fitted, header):
+    by_n = {}           # one row per world: token count and tokenizer
+    for r in sorted(records, key=lambda r: (r["tokens"], r["tokenizer"], r["sft_seed"])):
+        by_n.setdefault((r["tokens"], r["tokenizer"]), []).append(r)
     lines = ["# The token-count study", "", header, "",
              "Per token count, mean ± std over its SFT models. rho = |g_U| / |g_G| and cos, the understanding and "
              "generation DPO gradients of the naive joint sum on world pairs (means over its measured steps; "
@@ -164,28 +175,29 @@ def markdown(records, fits, header):
              "gen DPO loss, end = the generation-only row's plain DPO loss over its last quarter (ln 2 = 0.693 at "
              "the start); GenEval change (T=1) after generation DPO, answer acc change after understanding DPO, "
              "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly.", "",
-             "| tokens an image | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
-    for n, rs in by_n.items():
-        lines.append(f"| {n} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
+             "| tokens an image | tokenizer | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
+    for (n, kind), rs in by_n.items():
+        lines.append(f"| {n} | {kind} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
                                               for _, key in COLS) + " |")
-    for key, f in fits.items():
+    for name, f in fitted.items():
         if f is None:
             continue
+        key, _, which = name.partition(", ")
         seeds = list(f["per_seed"].values())
         spread = (f"; per SFT seed {', '.join(f'{a:.2f}' for a in seeds)} (mean {np.mean(seeds):.2f} ± "
                   f"{np.std(seeds, ddof=1):.2f})" if len(seeds) > 1 else
                   f"; one SFT seed with several token counts: {seeds[0]:.2f}" if seeds else "")
-        lines += ["", f"Fit of {key} ~ tokens^-a over all models: a = {f['a']:.2f}{spread}. Extrapolated (beyond the "
+        lines += ["", f"Fit of {key} ~ tokens^-a over {which or 'all models'}: a = {f['a']:.2f}{spread}. Extrapolated (beyond the "
                       f"measured range, an extrapolation only) to {PAPER['tokens']} tokens: {key} = "
                       f"{f['at'][PAPER['tokens']]:.3f}; the study measured {PAPER['rho'][0]}-{PAPER['rho'][1]} at "
                       f"{PAPER['tokens']} (Janus-Pro 7B and 1B)."]
     lines += ["", "Each SFT model:", "",
-              "| tokens | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO loss, end "
-              "| on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 6)]
-    for n, rs in by_n.items():
+              "| tokens | tokenizer | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO "
+              "loss, end | on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 7)]
+    for (n, kind), rs in by_n.items():
         for r in rs:
             on = [r.get(k) for k in ("onpolicy_gen_dpo_loss_end", "onpolicy_geneval_change", "onpolicy_rho")]
-            lines.append(f"| {n} | {r['sft_seed']} | {', '.join(r['commits'])} | "
+            lines.append(f"| {n} | {kind} | {r['sft_seed']} | {', '.join(r['commits'])} | "
                          + " | ".join(f"{r[k]:.3f}" for _, k in COLS if k) + " | "
                          + " | ".join("-" if v is None else f"{v:.3f}" for v in on)
                          + f" | {report.duration(r['seconds'])} |")
@@ -200,12 +212,12 @@ def write(out_dir, fs, n_seeds):
     if not records:
         raise Refused(f"error: no finished model of the token-count study under {os.path.join(out_dir, 'tokens')}; "
                       "run `python train.py --stage tokens` first")
-    fits = {"rho": fit(records), "rho_step1": fit(records, "rho_step1")}
+    fitted = fits(records)
     first = report.read_json(os.path.join(run_dir(out_dir, fs[0], 0), "run.json"))["stages"]
     rec = first.get("sft") or next(iter(first.values()))
     header = (f"`{rec['command']}` | device: {rec['device']} | preset `{rec['preset']}`, dtype {rec['dtype']} | "
               f"{len(records)} SFT models: " + ", ".join(f"{r['tokens']} tokens seed {r['sft_seed']}" for r in records))
-    md = markdown(records, fits, header)
+    md = markdown(records, fitted, header)
     write_atomic(os.path.join(out_dir, "tokens.md"), md)
-    write_atomic(os.path.join(out_dir, "tokens.json"), json.dumps({"models": records, "fits": fits}, indent=1))
+    write_atomic(os.path.join(out_dir, "tokens.json"), json.dumps({"models": records, "fits": fitted}, indent=1))
     return md
