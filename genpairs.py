@@ -103,13 +103,10 @@ def build_gen_pairs(model, tok, vocab, args, rng, kinds=("on", "real"), max_roun
     return out
 
 
-def build_world_pairs(tok, args, rng):
-    """--gen_pairs pairs that need no model, built from the world alone: chosen = the tokenized render
-    of a training prompt's scene; rejected = the tokenized render of that scene with ONE object
-    changed (data.alter_scene) so that it fits the prompt worse (the parser's score < 1). The same
-    scenes and the same changes whatever the tokenizer: the pairs of the token-count study."""
+def world_pair_scenes(n, rng):
+    """The scenes of n world pairs: (example, altered scene, parser score of it, corrupted prompt)."""
     made = []
-    while len(made) < args.gen_pairs:
+    while len(made) < n:
         e = data.gen_example(rng, "train", rng.choice(data.GEN_TASKS))
         for _ in range(20):
             altered = data.alter_scene(rng, e.scene)
@@ -121,6 +118,15 @@ def build_world_pairs(tok, args, rng):
         corrupted = corrupted_for(rng, e, e.scene, 1.0)
         if corrupted:
             made.append((e, altered, score, corrupted))
+    return made
+
+
+def build_world_pairs(tok, args, rng):
+    """--gen_pairs pairs that need no model, built from the world alone: chosen = the tokenized render
+    of a training prompt's scene; rejected = the tokenized render of that scene with ONE object
+    changed (data.alter_scene) so that it fits the prompt worse (the parser's score < 1). The same
+    scenes and the same changes whatever the tokenizer: the pairs of the token-count study."""
+    made = world_pair_scenes(args.gen_pairs, rng)
     codes = tok.encode(np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)])).tolist()
     same = sum(codes[2 * i] == codes[2 * i + 1] for i in range(len(made)))
     if same:   # (a tokenizer that hands back less than the scene: such a pair has no gradient)

@@ -32,13 +32,16 @@ class TestFit(unittest.TestCase):
 
     def test_the_vq_vae_worlds_are_fitted_apart_from_the_patch_world(self):
         # the VQ-VAE worlds follow rho = 2 n^-0.5 exactly; the patch world at 9 tokens lies far above it
+        # and rho = 5 c^-1 in the tokens a pair changes, c, at every world
         recs = [{"tokens": n, "tokenizer": f"VQ-VAE f{f}", "sft_seed": 0, "rho": 2.0 * n ** -0.5,
-                 "rho_step1": 3.0 * n ** -0.25} for n, f in ((16, 6), (36, 4), (64, 3))]
-        recs.append({"tokens": 9, "tokenizer": "patch", "sft_seed": 0, "rho": 10.0, "rho_step1": 10.0})
+                 "rho_step1": 3.0 * n ** -0.25, "changed": 2.5 * n ** 0.5} for n, f in ((16, 6), (36, 4), (64, 3))]
+        recs.append({"tokens": 9, "tokenizer": "patch", "sft_seed": 0, "rho": 10.0, "rho_step1": 10.0, "changed": 0.5})
         f = tokens.fits(recs)
         self.assertAlmostEqual(f["rho, VQ-VAE worlds"]["a"], 0.5)
         self.assertAlmostEqual(f["rho_step1, VQ-VAE worlds"]["a"], 0.25)
         self.assertGreater(f["rho"]["a"], 0.6)        # the patch world pulls the pooled fit
+        self.assertAlmostEqual(f["rho by tokens a pair changes"]["a"], 1.0)
+        self.assertAlmostEqual(f["rho by tokens a pair changes"]["at"][576], 5.0 / 576)
 
     def test_token_counts_of_the_factors(self):
         self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,6,4,3,2")], [9, 9, 16, 36, 64, 144])
@@ -58,6 +61,8 @@ class TestStudy(unittest.TestCase):
             train.main(argv)
             out = report.read_json(os.path.join(d, "tokens.json"))
             self.assertEqual([m["tokens"] for m in out["models"]], [9, 36])
+            # the patch tokenizer is lossless: a world pair changes one cell's token, or more
+            self.assertGreaterEqual(out["models"][0]["changed"], 1)
             for m in out["models"]:
                 self.assertTrue(np.isfinite(m["rho"]) and m["rho"] > 0)
                 self.assertTrue(-1 <= m["cos"] <= 1)

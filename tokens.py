@@ -31,13 +31,15 @@ One preference seed per SFT model: the spread is over SFT models.
 import copy
 import json
 import os
+import random
 
 import numpy as np
 
+import genpairs
 import joint
 import report
 import world
-from checkpoint import Refused, file_digest, log, read_checkpoint, seed_everything, writable, write_atomic
+from checkpoint import Refused, file_digest, load_tokenizer, log, read_checkpoint, seed_everything, writable, write_atomic
 
 # the joint study's rows each model runs (slugs of joint.ROWS; study.json names them by their labels)
 WORLD_ROWS = ("und_dpo_world", "gen_dpo_world", "joint_naive_world")
@@ -96,6 +98,15 @@ def study(args, argv, run_stage):
 # -----------------------------------------------------------------------------
 # the tables
 
+def changed_tokens(d, seed, n):
+    """How many of an image's tokens one world pair changes: the mean count of positions where the
+    chosen and the rejected codes differ, over the n world pairs of seed (those its joint stage trained on)."""
+    made = genpairs.world_pair_scenes(n, random.Random(f"{seed}/world"))   # (the stream build_world_pairs draws)
+    codes = load_tokenizer(os.path.join(d, "tokenizer.pt"), "cpu").encode(
+        np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)]))
+    return float((codes[0::2] != codes[1::2]).sum(1).float().mean())
+
+
 def model_record(d, n, k):
     """One SFT model of the study (its directory d) -> the numbers of its row, or None unless its joint
     stage finished, from the SFT model in d, as did its eval (a rerun may leave an older run's files)."""
@@ -113,7 +124,8 @@ def model_record(d, n, k):
     cfg = st["config"]
     r = {"tokens": n, "tokenizer": "patch" if cfg["tokenizer"] == "patch" else f"VQ-VAE f{cfg['vq_f']}",
          "sft_seed": run["sft"]["seed"], "k": k, "commits": sorted({s["commit"] for s in run.values()}),
-         "roundtrip": tok["roundtrip_exact"], "answer_acc": ev["understanding"]["test"]["answer_acc"],
+         "roundtrip": tok["roundtrip_exact"], "changed": changed_tokens(d, run["sft"]["seed"], cfg["gen_pairs"]),
+         "answer_acc": ev["understanding"]["test"]["answer_acc"],
          "geneval_T0": ev["generation"]["test T=0"]["overall"],
          "bias_CHAIR_i": ev["understanding"]["bias"]["caption_CHAIR_i"],
          "rho": both["rho"], "rho_step1": both["rho_step1"], "cos": both["cos"],
@@ -132,32 +144,38 @@ def model_record(d, n, k):
     return r
 
 
-def fit(records, key="rho"):
-    """log rho = c - a log n by least squares: over all models pooled, and for each SFT seed that has
-    two token counts or more. Returns {'a', 'c', 'per_seed': {seed: a}, 'at': {n: rho predicted}}, or
-    None under two token counts."""
-    pts = [(r["tokens"], r[key]) for r in records]
+def fit(records, key="rho", x="tokens"):
+    """log rho = c - a log x by least squares (x: the tokens an image, or the tokens a pair changes):
+    over all models pooled, and for each SFT seed that has two values of x or more. Returns {'a', 'c',
+    'per_seed': {seed: a}, 'at': {x: rho predicted}}, or None under two values of x."""
+    pts = [(r[x], r[key]) for r in records]
     if len({n for n, _ in pts}) < 2:
         return None
     slope, c = np.polyfit(np.log([n for n, _ in pts]), np.log([v for _, v in pts]), 1)
     per_seed = {}
     for s in sorted({r["sft_seed"] for r in records}):
         mine = [r for r in records if r["sft_seed"] == s]
-        if len({r["tokens"] for r in mine}) >= 2:
-            per_seed[s] = float(-np.polyfit(np.log([r["tokens"] for r in mine]), np.log([r[key] for r in mine]), 1)[0])
+        if len({r[x] for r in mine}) >= 2:
+            per_seed[s] = float(-np.polyfit(np.log([r[x] for r in mine]), np.log([r[key] for r in mine]), 1)[0])
     at = {n: float(np.exp(c) * n ** slope) for n in (9, 16, 36, 64, 144, PAPER["tokens"])}
     return {"a": float(-slope), "c": float(c), "per_seed": per_seed, "at": at}
 
 
+# the fits of the report: (name, what is fitted, against what, over which models). The patch
+# tokenizer's 9-token world differs from the VQ-VAE worlds in kind, not only in count, so the VQ-VAE
+# worlds are fitted alone too; and the tokens a world pair changes grow with the tokens an image.
+FITS = (("rho", "rho", "tokens", "all"), ("rho_step1", "rho_step1", "tokens", "all"),
+        ("rho, VQ-VAE worlds", "rho", "tokens", "vq"), ("rho_step1, VQ-VAE worlds", "rho_step1", "tokens", "vq"),
+        ("rho by tokens a pair changes", "rho", "changed", "all"),
+        ("rho_step1 by tokens a pair changes", "rho_step1", "changed", "all"))
+
+
 def fits(records):
-    """The exponents of rho and of rho at step 1: over every model, and over the VQ-VAE worlds alone
-    (the patch tokenizer's 9-token world differs from them in kind, not only in count)."""
-    vq = [r for r in records if r["tokenizer"] != "patch"]
-    return {f"{key}{tag}": fit(rs, key) for tag, rs in (("", records), (", VQ-VAE worlds", vq))
-            for key in ("rho", "rho_step1")}
+    over = {"all": records, "vq": [r for r in records if r["tokenizer"] != "patch"]}
+    return {name: fit(over[which], key, x) for name, key, x, which in FITS}
 
 
-COLS = [("SFT models", None), ("round trip", "roundtrip"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
+COLS = [("SFT models", None), ("round trip", "roundtrip"), ("tokens a pair changes", "changed"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
         ("bias CHAIR_i", "bias_CHAIR_i"), ("rho", "rho"), ("rho, step 1", "rho_step1"), ("cos", "cos"),
         ("cos within und", "cos_within_und"), ("cos within gen", "cos_within_gen"),
         ("gen DPO loss, end", "gen_dpo_loss_end"), ("GenEval change", "geneval_change"),
@@ -174,23 +192,25 @@ def markdown(records, fitted, header):
              "'step 1': before any update, policy = reference); cos within = two halves of one batch of a task; "
              "gen DPO loss, end = the generation-only row's plain DPO loss over its last quarter (ln 2 = 0.693 at "
              "the start); GenEval change (T=1) after generation DPO, answer acc change after understanding DPO, "
-             "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly.", "",
+             "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly; tokens a pair "
+             "changes = image tokens whose codes differ between a world pair's chosen and rejected images.", "",
              "| tokens an image | tokenizer | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
     for (n, kind), rs in by_n.items():
         lines.append(f"| {n} | {kind} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
                                               for _, key in COLS) + " |")
-    for name, f in fitted.items():
+    for name, key, x, which in FITS:
+        f = fitted[name]
         if f is None:
             continue
-        key, _, which = name.partition(", ")
         seeds = list(f["per_seed"].values())
         spread = (f"; per SFT seed {', '.join(f'{a:.2f}' for a in seeds)} (mean {np.mean(seeds):.2f} ± "
                   f"{np.std(seeds, ddof=1):.2f})" if len(seeds) > 1 else
                   f"; one SFT seed with several token counts: {seeds[0]:.2f}" if seeds else "")
-        lines += ["", f"Fit of {key} ~ tokens^-a over {which or 'all models'}: a = {f['a']:.2f}{spread}. Extrapolated (beyond the "
-                      f"measured range, an extrapolation only) to {PAPER['tokens']} tokens: {key} = "
-                      f"{f['at'][PAPER['tokens']]:.3f}; the study measured {PAPER['rho'][0]}-{PAPER['rho'][1]} at "
-                      f"{PAPER['tokens']} (Janus-Pro 7B and 1B)."]
+        xname = {"tokens": "tokens an image", "changed": "tokens a pair changes"}[x]
+        lines += ["", f"Fit of {key} ~ ({xname})^-a over {'the VQ-VAE worlds' if which == 'vq' else 'all models'}: "
+                      f"a = {f['a']:.2f}{spread}. Extrapolated (beyond the measured range, an extrapolation only) to "
+                      f"{PAPER['tokens']} {xname}: {key} = {f['at'][PAPER['tokens']]:.3f}; the study measured "
+                      f"{PAPER['rho'][0]}-{PAPER['rho'][1]} at {PAPER['tokens']} tokens an image (Janus-Pro 7B and 1B)."]
     lines += ["", "Each SFT model:", "",
               "| tokens | tokenizer | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO "
               "loss, end | on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 7)]
