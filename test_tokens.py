@@ -61,8 +61,11 @@ class TestStudy(unittest.TestCase):
             train.main(argv)
             out = report.read_json(os.path.join(d, "tokens.json"))
             self.assertEqual([m["tokens"] for m in out["models"]], [9, 36])
-            # the patch tokenizer is lossless: a world pair changes one cell's token, or more
+            # the patch tokenizer is lossless: a world pair changes one cell's token, or more, and pulls
             self.assertGreaterEqual(out["models"][0]["changed"], 1)
+            pg = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "pairgrads.json"))
+            self.assertEqual(len(pg["norm"]), tokens.PAIR_GRADS)
+            self.assertTrue(min(pg["changed"]) >= 1 and min(pg["norm"]) > 0)
             for m in out["models"]:
                 self.assertTrue(np.isfinite(m["rho"]) and m["rho"] > 0)
                 self.assertTrue(-1 <= m["cos"] <= 1)

@@ -28,6 +28,7 @@ At 9 tokens the tokenizer is the patch one (512 k-means codes, lossless): the VQ
 differs from the others in the tokenizer's kind and codebook too.
 One preference seed per SFT model: the spread is over SFT models.
 """
+import argparse
 import copy
 import json
 import os
@@ -39,11 +40,13 @@ import genpairs
 import joint
 import report
 import world
-from checkpoint import Refused, file_digest, load_tokenizer, log, read_checkpoint, seed_everything, writable, write_atomic
+from checkpoint import (Refused, file_digest, load_model, load_tokenizer, log, read_checkpoint, seed_everything,
+                        writable, write_atomic)
 
 # the joint study's rows each model runs (slugs of joint.ROWS; study.json names them by their labels)
 WORLD_ROWS = ("und_dpo_world", "gen_dpo_world", "joint_naive_world")
 POLICY_ROWS = ("und_dpo", "gen_dpo", "joint_naive")
+PAIR_GRADS = 200       # world pairs whose generation DPO gradient is taken one at a time, per SFT model
 DRAWS = 0.5            # the SFT model's GenEval at T=0 from which the on-policy rows are added
 PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-Pro 7B / 1B, as the study reports
 
@@ -90,6 +93,7 @@ def study(args, argv, run_stage):
             draws = report.read_json(os.path.join(a.out_dir, "eval_sft.json"))["generation"]["test T=0"]["overall"]
             a.rows = ",".join(WORLD_ROWS + (POLICY_ROWS if draws >= DRAWS else ()))
             run_stage(a, "joint", argv, keep=args.resume, same_code=False)
+            pair_gradients(a.out_dir)
             write(args.out_dir, fs, args.sft_seeds)
             log(args, f"tokens | {tokens_per_image(f)} tokens an image, SFT seed {a.seed}: done")
     return write(args.out_dir, fs, args.sft_seeds)
@@ -105,6 +109,33 @@ def changed_tokens(d, seed, n):
     codes = load_tokenizer(os.path.join(d, "tokenizer.pt"), "cpu").encode(
         np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)]))
     return float((codes[0::2] != codes[1::2]).sum(1).float().mean())
+
+
+def pair_gradients(d, n=PAIR_GRADS):
+    """The first n world pairs of the model in d, one at a time, at the SFT model (policy = reference,
+    where every pair's DPO gradient is -beta/2 (grad log p(chosen) - grad log p(rejected))): the norm
+    of each pair's generation DPO gradient against the image tokens the pair changes, and b of the
+    fit |g| ~ changed^b. Within one model and one tokenizer: does a pair that changes more tokens pull
+    harder? Kept in d/pairgrads.json for this sft.pt."""
+    path, sft_path = os.path.join(d, "pairgrads.json"), os.path.join(d, "sft.pt")
+    digest = file_digest(sft_path)
+    if os.path.exists(path) and report.read_json(path)["sft_digest"] == digest:
+        return report.read_json(path)
+    a = argparse.Namespace(**report.read_json(os.path.join(d, "study.json"))["config"])
+    a.out_dir, a.gen_pairs = d, n
+    policy, tok, vocab, _ = load_model(sft_path, a.device)
+    pairs = genpairs.build_world_pairs(tok, a, random.Random(f"{a.seed}/world"))   # the joint stage's first n
+    P = genpairs.gen_pair_data(policy, vocab, pairs, a)
+    policy.train()
+    params = list(policy.parameters())
+    changed = [sum(c != r for c, r in zip(p.chosen, p.rejected)) for p in pairs]
+    norms = [float(joint.task_grads(policy, params, vocab, P, [i], "dpo", a, None)[0].norm()) for i in range(len(pairs))]
+    pts = [(c, g) for c, g in zip(changed, norms) if c > 0]
+    b = float(np.polyfit(np.log([c for c, _ in pts]), np.log([g for _, g in pts]), 1)[0]) \
+        if len({c for c, _ in pts}) >= 2 else None
+    out = {"sft_digest": digest, "changed": changed, "norm": norms, "b": b}
+    write_atomic(path, json.dumps(out))
+    return out
 
 
 def model_record(d, n, k):
@@ -136,6 +167,9 @@ def model_record(d, n, k):
          "geneval_change": gen["gen_overall"] - sft["gen_overall"],
          "answer_acc_change": und["answer_acc"] - sft["answer_acc"],
          "seconds": sum(s["seconds"] for s in run.values())}
+    pg = os.path.join(d, "pairgrads.json")
+    pg = report.read_json(pg) if os.path.exists(pg) else {}
+    r["pair_grad_b"] = pg.get("b") if pg.get("sft_digest") == digest else None
     if POLICY_ROWS[1] in rows:      # the on-policy rows, where the SFT model draws
         on = rows[POLICY_ROWS[1]][0]
         r.update(onpolicy_gen_dpo_loss_end=on["dpo_loss_gen_end"],
@@ -175,7 +209,8 @@ def fits(records):
     return {name: fit(over[which], key, x) for name, key, x, which in FITS}
 
 
-COLS = [("SFT models", None), ("round trip", "roundtrip"), ("tokens a pair changes", "changed"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
+COLS = [("SFT models", None), ("round trip", "roundtrip"), ("tokens a pair changes", "changed"),
+        ("pair gradient b", "pair_grad_b"), ("answer acc", "answer_acc"), ("GenEval T=0", "geneval_T0"),
         ("bias CHAIR_i", "bias_CHAIR_i"), ("rho", "rho"), ("rho, step 1", "rho_step1"), ("cos", "cos"),
         ("cos within und", "cos_within_und"), ("cos within gen", "cos_within_gen"),
         ("gen DPO loss, end", "gen_dpo_loss_end"), ("GenEval change", "geneval_change"),
@@ -193,7 +228,9 @@ def markdown(records, fitted, header):
              "gen DPO loss, end = the generation-only row's plain DPO loss over its last quarter (ln 2 = 0.693 at "
              "the start); GenEval change (T=1) after generation DPO, answer acc change after understanding DPO, "
              "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly; tokens a pair "
-             "changes = image tokens whose codes differ between a world pair's chosen and rejected images.", "",
+             "changes = image tokens whose codes differ between a world pair's chosen and rejected images; pair "
+             "gradient b = the exponent of |g| ~ changed^b over the model's first "
+             f"{PAIR_GRADS} world pairs, each pair's generation DPO gradient taken alone at the SFT model.", "",
              "| tokens an image | tokenizer | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
     for (n, kind), rs in by_n.items():
         lines.append(f"| {n} | {kind} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
@@ -218,7 +255,7 @@ def markdown(records, fitted, header):
         for r in rs:
             on = [r.get(k) for k in ("onpolicy_gen_dpo_loss_end", "onpolicy_geneval_change", "onpolicy_rho")]
             lines.append(f"| {n} | {kind} | {r['sft_seed']} | {', '.join(r['commits'])} | "
-                         + " | ".join(f"{r[k]:.3f}" for _, k in COLS if k) + " | "
+                         + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for _, k in COLS if k) + " | "
                          + " | ".join("-" if v is None else f"{v:.3f}" for v in on)
                          + f" | {report.duration(r['seconds'])} |")
     lines += ["", f"On-policy rows run where the SFT model's GenEval at T=0 is >= {DRAWS} ('-': it does not draw)."]
