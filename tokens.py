@@ -7,7 +7,7 @@ not vary them. Here ONLY the tokenizer changes.
 
     python train.py --stage tokens --sft_seeds 3                 # 9, 36, 64 tokens an image, 3 SFT models each
     python train.py --stage tokens --sft_seeds 3 --resume        # continue it; finished stages are kept
-    python train.py --stage tokens --token_fs patch,4,3,2        # and 144 tokens (a GPU's work)
+    python train.py --stage tokens --token_fs patch,4,3,2        # and 144 tokens (~30 min a model on 2 CPU cores)
 
 For each tokenizer of --token_fs (patch, 4, 3 -> 9, 36, 64 tokens an image: the k-means patch
 tokenizer, one token a cell, then VQ-VAEs of downsampling factor 4 and 3) and each SFT seed k: the tokenizer, SFT, eval and the joint study's rows in out_dir/tokens/t<n>/sft<k>,
@@ -26,6 +26,9 @@ tokenizer's own round trip; and how well each SFT model learns its world (report
 At 9 tokens the tokenizer is the patch one (512 k-means codes, lossless): the VQ-VAE at factor 8
 (one 8x8-pixel token a cell) collapsed to one code in use (FINDINGS.md), so the 9-token row
 differs from the others in the tokenizer's kind and codebook too.
+Beside rho, each model's tokens a world pair changes (codes that differ between its chosen and
+rejected images) and, pair by pair at the SFT model, how a pair's gradient grows with them: rho
+follows those, not the tokens an image (FINDINGS.md, "The many-token world").
 One preference seed per SFT model: the spread is over SFT models.
 """
 import argparse
