@@ -3,16 +3,19 @@ Tests of the token-count study (tokens.py; stage `tokens` of train.py), CPU, tin
 Run: python -m unittest test_tokens   (or: pytest test_tokens.py)
 """
 import os
+import random
 import shutil
 import tempfile
 import unittest
 
 import numpy as np
 
+import data
 import joint
 import report
 import tokens
 import train
+import world
 from checkpoint import Refused
 
 
@@ -43,6 +46,32 @@ class TestFit(unittest.TestCase):
         self.assertAlmostEqual(f["rho by tokens a pair changes"]["a"], 1.0)
         self.assertAlmostEqual(f["rho by tokens a pair changes"]["at"][576], 5.0 / 576)
 
+    def test_a_dose_changes_exactly_that_many_objects_of_the_same_scene(self):
+        rng = random.Random(0)
+        scene = data.gen_example(random.Random(3), "train", "full").scene
+        while len(scene) < 3:
+            scene = data.gen_example(rng, "train", "full").scene
+        for k in (1, 2, 3):
+            for _ in range(20):
+                alt = tokens.altered_k(rng, scene, k)
+                self.assertEqual(sum(a != b for a, b in zip(scene, alt)), k)
+                self.assertEqual(len(alt), len(scene))
+                self.assertTrue(all(o.kind not in data.HELD_OUT for o in alt))
+                self.assertEqual(len({o.cell for o in alt}), len(alt))       # no two objects on one cell
+        self.assertIsNone(tokens.altered_k(rng, scene[:1], 2))                 # one object cannot take two changes
+
+    def test_the_doses_share_their_prompts_and_each_fits_the_prompt_worse(self):
+        made = tokens.dose_scenes(12, 0)
+        self.assertEqual(len(made), 12)
+        self.assertEqual([e.question for e, _ in made], [e.question for e, _ in tokens.dose_scenes(12, 0)])
+        for e, alts in made:
+            self.assertGreaterEqual(len(e.scene), max(tokens.DOSES))
+            self.assertEqual(sorted(alts), list(tokens.DOSES))
+            for k, (alt, score) in alts.items():
+                self.assertEqual(sum(a != b for a, b in zip(e.scene, alt)), k)
+                self.assertLess(score, 1.0)
+                self.assertAlmostEqual(score, world.prompt_score(e, world.parse(world.render(alt))))
+
     def test_token_counts_of_the_factors(self):
         self.assertEqual([tokens.tokens_per_image(f) for f in tokens.factors("patch,8,6,4,3,2")], [9, 9, 16, 36, 64, 144])
         for bad in ("5", "", "3,x", "1", "vq"):
@@ -66,6 +95,14 @@ class TestStudy(unittest.TestCase):
             pg = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "pairgrads.json"))
             self.assertEqual(len(pg["norm"]), tokens.PAIR_GRADS)
             self.assertTrue(min(pg["changed"]) >= 1 and min(pg["norm"]) > 0)
+            # the dose test: each changed object changes its own cell's token, at least
+            dose = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "dose.json"))
+            self.assertEqual((dose["doses"], dose["pairs"]), (list(tokens.DOSES), tokens.DOSE_BATCHES * 4))
+            for k, c, g in zip(dose["doses"], dose["changed"], dose["g_gen"]):
+                self.assertTrue(c >= k and g > 0)
+            for m in out["models"]:
+                self.assertEqual(len(m["dose_rho"]), len(tokens.DOSES))
+                self.assertTrue(all(np.isfinite(x) and x > 0 for x in m["dose_rho"]))
             for m in out["models"]:
                 self.assertTrue(np.isfinite(m["rho"]) and m["rho"] > 0)
                 self.assertTrue(-1 <= m["cos"] <= 1)
@@ -74,6 +111,7 @@ class TestStudy(unittest.TestCase):
                 text = f.read()
             self.assertIn("| 9 | patch | 1 |", text)
             self.assertIn("| 36 | VQ-VAE f4 | 1 |", text)
+            self.assertIn("The dose test", text)
             for table in text.split("\n\n"):      # a delimiter row as wide as its header, or no table renders
                 rows = [line.count("|") for line in table.splitlines() if line.startswith("|")]
                 self.assertEqual(len(set(rows)), min(len(rows), 1), table)

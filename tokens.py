@@ -28,7 +28,9 @@ At 9 tokens the tokenizer is the patch one (512 k-means codes, lossless): the VQ
 differs from the others in the tokenizer's kind and codebook too.
 Beside rho, each model's tokens a world pair changes (codes that differ between its chosen and
 rejected images) and, pair by pair at the SFT model, how a pair's gradient grows with them: rho
-follows those, not the tokens an image (FINDINGS.md, "The many-token world").
+follows those, not the tokens an image (FINDINGS.md, "The many-token world"). The dose test
+makes that causal inside one world: the same prompts and chosen images, the rejected image with
+1, 2 or 3 objects changed, one tokenizer, one image length; rho at the SFT model for each dose.
 One preference seed per SFT model: the spread is over SFT models.
 """
 import argparse
@@ -39,6 +41,7 @@ import random
 
 import numpy as np
 
+import data
 import genpairs
 import joint
 import report
@@ -50,6 +53,8 @@ from checkpoint import (Refused, file_digest, load_model, load_tokenizer, log, r
 WORLD_ROWS = ("und_dpo_world", "gen_dpo_world", "joint_naive_world")
 POLICY_ROWS = ("und_dpo", "gen_dpo", "joint_naive")
 PAIR_GRADS = 200       # world pairs whose generation DPO gradient is taken one at a time, per SFT model
+DOSES = (1, 2, 3)      # the dose test: objects changed in the rejected image, on the same prompts
+DOSE_BATCHES = 16      # batches of --pref_batch pairs each dose's gradient is measured on
 DRAWS = 0.5            # the SFT model's GenEval at T=0 from which the on-policy rows are added
 PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-Pro 7B / 1B, as the study reports
 
@@ -97,6 +102,7 @@ def study(args, argv, run_stage):
             a.rows = ",".join(WORLD_ROWS + (POLICY_ROWS if draws >= DRAWS else ()))
             run_stage(a, "joint", argv, keep=args.resume, same_code=False)
             pair_gradients(a.out_dir)
+            dose_gradients(a.out_dir)
             write(args.out_dir, fs, args.sft_seeds)
             log(args, f"tokens | {tokens_per_image(f)} tokens an image, SFT seed {a.seed}: done")
     return write(args.out_dir, fs, args.sft_seeds)
@@ -141,6 +147,92 @@ def pair_gradients(d, n=PAIR_GRADS):
     return out
 
 
+
+# -----------------------------------------------------------------------------
+# the dose test: more of the image changed, at one tokenizer and one image length
+
+def altered_k(rng, scene, k, tries=20):
+    """The scene with k DIFFERENT objects changed (data.alter_scene, k times), or None if `tries` draws fail."""
+    for _ in range(tries):
+        alt = scene
+        for _ in range(k):
+            alt = data.alter_scene(rng, alt) if alt is not None else None
+        if alt is not None and sum(a != b for a, b in zip(scene, alt)) == k:   # (alter_scene keeps the order)
+            return alt
+    return None
+
+
+def dose_scenes(n, seed, doses=DOSES):
+    """n training prompts whose scene has at least max(doses) objects (the counting and full-scene
+    prompts), each with, for every dose k, the scene with k objects changed so that it fits the prompt
+    worse (the parser's score < 1): [(example, {k: (altered scene, its score)})]. The same prompts and
+    chosen images at every dose, so only the rejected image, and how much of it differs, changes."""
+    rng, made = random.Random(f"{seed}/dose"), []
+    for _ in range(1000 * n):
+        if len(made) == n:
+            return made
+        e = data.gen_example(rng, "train", rng.choice(data.GEN_TASKS))
+        if len(e.scene) < max(doses):
+            continue
+        alts = {}
+        for k in doses:
+            alt = altered_k(rng, e.scene, k)
+            score = world.prompt_score(e, world.parse(world.render(alt))) if alt else 1.0
+            if score >= 1:
+                break
+            alts[k] = (alt, score)
+        else:
+            made.append((e, alts))
+    raise Refused(f"error: the dose test found {len(made)} of {n} prompts whose scenes take {max(doses)} changes")
+
+
+def dose_gradients(d):
+    """The dose test of the model in d, at the SFT model (policy = reference): the same prompts and
+    chosen images, the rejected image with 1, 2 or 3 objects changed (DOSES), and for each dose the
+    generation DPO gradient's norm on DOSE_BATCHES batches, the understanding one's on as many batches
+    of the joint stage's understanding pairs (the same at every dose), and rho at step 1 = their ratio.
+    Within one tokenizer and one image length: does rho fall as a pair changes more tokens? Kept in
+    d/dose.json for this sft.pt."""
+    path, sft_path = os.path.join(d, "dose.json"), os.path.join(d, "sft.pt")
+    digest = file_digest(sft_path)
+    if os.path.exists(path):
+        kept = report.read_json(path)
+        if (kept["sft_digest"], kept["doses"], kept["batches"]) == (digest, list(DOSES), DOSE_BATCHES):
+            return kept
+    a = argparse.Namespace(**report.read_json(os.path.join(d, "study.json"))["config"])
+    a.out_dir = d
+    policy, tok, vocab, _ = load_model(sft_path, a.device)
+    B = a.pref_batch
+    made = dose_scenes(DOSE_BATCHES * B, a.seed)
+    n = len(made)
+    codes = tok.encode(np.stack([world.render(e.scene) for e, _ in made]
+                                + [world.render(alts[k][0]) for k in DOSES for _, alts in made])).tolist()
+    # (the corrupted prompt is mDPO's condition; plain DPO, measured here, does not read it)
+    PG = {k: genpairs.gen_pair_data(policy, vocab, [
+        genpairs.GenPair(e, codes[i], codes[n * (1 + j) + i], e.question, (1.0, alts[k][1]), "world")
+        for i, (e, alts) in enumerate(made)], a) for j, k in enumerate(DOSES)}
+    pairs = read_checkpoint(os.path.join(d, f"pairs_s{a.seed}.pt"), "cpu", ("pairs",), "pairs file")
+    PU = data.PairSet.from_dict(pairs)
+    policy.train()
+    params = list(policy.parameters())
+
+    def norm(P, idx):
+        return float(joint.task_grads(policy, params, vocab, P, idx, "dpo", a, None)[0].norm())
+
+    batches = [list(range(b * B, (b + 1) * B)) for b in range(DOSE_BATCHES)]
+    g_und = [norm(PU, [i % len(PU.pairs) for i in idx]) for idx in batches]
+    g_gen = {k: [norm(PG[k], idx) for idx in batches] for k in DOSES}
+    changed = {k: float(np.mean([sum(c != r for c, r in zip(p.chosen, p.rejected)) for p in PG[k].pairs])) for k in DOSES}
+    rho = {k: float(np.mean([u / g for u, g in zip(g_und, g_gen[k])])) for k in DOSES}
+    a_fit = float(-np.polyfit(np.log([changed[k] for k in DOSES]), np.log([rho[k] for k in DOSES]), 1)[0]) \
+        if len(set(changed.values())) >= 2 and min(changed.values()) > 0 else None
+    out = {"sft_digest": digest, "doses": list(DOSES), "batches": DOSE_BATCHES, "pairs": n, "changed": [changed[k] for k in DOSES],
+           "g_und": float(np.mean(g_und)), "g_gen": [float(np.mean(g_gen[k])) for k in DOSES],
+           "rho_step1": [rho[k] for k in DOSES], "a": a_fit}
+    write_atomic(path, json.dumps(out))
+    return out
+
+
 def model_record(d, n, k):
     """One SFT model of the study (its directory d) -> the numbers of its row, or None unless its joint
     stage finished, from the SFT model in d, as did its eval (a rerun may leave an older run's files)."""
@@ -173,6 +265,10 @@ def model_record(d, n, k):
     pg = os.path.join(d, "pairgrads.json")
     pg = report.read_json(pg) if os.path.exists(pg) else {}
     r["pair_grad_b"] = pg.get("b") if pg.get("sft_digest") == digest else None
+    dz = os.path.join(d, "dose.json")
+    dz = report.read_json(dz) if os.path.exists(dz) else {}
+    if dz.get("sft_digest") == digest and dz.get("doses") == list(DOSES):
+        r.update(dose_changed=dz["changed"], dose_rho=dz["rho_step1"], dose_a=dz["a"])
     if POLICY_ROWS[1] in rows:      # the on-policy rows, where the SFT model draws
         on = rows[POLICY_ROWS[1]][0]
         r.update(onpolicy_gen_dpo_loss_end=on["dpo_loss_gen_end"],
@@ -251,6 +347,7 @@ def markdown(records, fitted, header):
                       f"a = {f['a']:.2f}{spread}. Extrapolated (beyond the measured range, an extrapolation only) to "
                       f"{PAPER['tokens']} {xname}: {key} = {f['at'][PAPER['tokens']]:.3f}; the study measured "
                       f"{PAPER['rho'][0]}-{PAPER['rho'][1]} at {PAPER['tokens']} tokens an image (Janus-Pro 7B and 1B)."]
+    lines += dose_table(by_n)
     lines += ["", "Each SFT model:", "",
               "| tokens | tokenizer | SFT seed | commit | " + " | ".join(h for h, k in COLS if k) + " | on-policy gen DPO "
               "loss, end | on-policy GenEval change | on-policy rho | wall time |", "|" + "---|" * (len(COLS) + 7)]
@@ -263,6 +360,32 @@ def markdown(records, fitted, header):
                          + f" | {report.duration(r['seconds'])} |")
     lines += ["", f"On-policy rows run where the SFT model's GenEval at T=0 is >= {DRAWS} ('-': it does not draw)."]
     return "\n".join(lines) + "\n"
+
+
+def dose_table(by_n):
+    """The dose test's table: per token count, the means over its SFT models at each dose, the
+    within-model exponent a of rho ~ changed^-a across the doses, and in how many models rho falls."""
+    rows = {key: [r for r in rs if r.get("dose_rho")] for key, rs in by_n.items()}
+    rows = {key: rs for key, rs in rows.items() if rs}
+    if not rows:
+        return []
+    doses = " / ".join(str(k) for k in DOSES)
+    lines = ["", f"The dose test (dose.json of each model): the same prompts and chosen images, the rejected image "
+                 f"with {doses} objects changed (counting and full-scene prompts, whose scenes hold {max(DOSES)} "
+                 f"objects or more); at the SFT model (policy = reference), on {DOSE_BATCHES} batches of pairs, "
+                 "the understanding ones the same at every dose. a = the exponent of rho ~ (tokens a pair "
+                 "changes)^-a across the doses, within one model; 'rho falls' = models whose rho at "
+                 f"{max(DOSES)} objects changed is below that at 1.", "",
+             f"| tokens an image | tokenizer | SFT models | tokens a pair changes, {doses} objects | "
+             f"rho, step 1, {doses} objects | a | rho falls |", "|" + "---|" * 7]
+    for (n, kind), rs in rows.items():
+        changed = " / ".join(f"{np.mean([r['dose_changed'][j] for r in rs]):.1f}" for j in range(len(DOSES)))
+        rho = " / ".join(f"{np.mean([r['dose_rho'][j] for r in rs]):.3f}" for j in range(len(DOSES)))
+        a = [r["dose_a"] for r in rs if r["dose_a"] is not None]
+        falls = sum(r["dose_rho"][-1] < r["dose_rho"][0] for r in rs)
+        lines.append(f"| {n} | {kind} | {len(rs)} | {changed} | {rho} | "
+                     f"{report.mean_std(a) if a else '-'} | {falls} of {len(rs)} |")
+    return lines
 
 
 def write(out_dir, fs, n_seeds):
