@@ -375,18 +375,30 @@ def dose_table(by_n):
                  f"objects or more); at the SFT model (policy = reference), on {DOSE_BATCHES} batches of pairs, "
                  "the understanding ones the same at every dose. a = the exponent of rho ~ (tokens a pair "
                  "changes)^-a across the doses, within one model; 'rho falls' = models whose rho at "
-                 f"{max(DOSES)} objects changed is below that at 1.", "",
+                 f"{max(DOSES)} objects changed is below that at 1; rho at {PAPER['tokens']} tokens changed = each "
+                 "model's own fit carried to a pair that differs in 576 tokens, the range over the models (an "
+                 "extrapolation far beyond the measured doses, and to another image length: not a measurement; "
+                 f"the study measured {PAPER['rho'][0]}-{PAPER['rho'][1]} on pairs of two samples at "
+                 f"{PAPER['tokens']} tokens an image).", "",
              f"| tokens an image | tokenizer | SFT models | tokens a pair changes, {doses} objects | "
-             f"rho, step 1, {doses} objects | a | rho falls |", "|" + "---|" * 7]
+             f"rho, step 1, {doses} objects | a | rho falls | rho at {PAPER['tokens']} tokens changed |",
+             "|" + "---|" * 8]
     for (n, kind), rs in rows.items():
         changed = " / ".join(f"{np.mean([r['dose_changed'][j] for r in rs]):.1f}" for j in range(len(DOSES)))
         rho = " / ".join(f"{np.mean([r['dose_rho'][j] for r in rs]):.3f}" for j in range(len(DOSES)))
         a = [r["dose_a"] for r in rs if r["dose_a"] is not None]
         falls = sum(r["dose_rho"][-1] < r["dose_rho"][0] for r in rs)
+        far = [dose_extrapolation(r) for r in rs if r["dose_a"] is not None]
         lines.append(f"| {n} | {kind} | {len(rs)} | {changed} | {rho} | "
-                     f"{report.mean_std(a) if a else '-'} | {falls} of {len(rs)} |")
+                     f"{report.mean_std(a) if a else '-'} | {falls} of {len(rs)} | "
+                     f"{f'{min(far):.3f}-{max(far):.3f}' if far else '-'} |")
     return lines
 
+
+def dose_extrapolation(r, changed=PAPER["tokens"]):
+    """rho at step 1 that the model's own dose fit (log rho = c - a log changed) gives at `changed`."""
+    slope, c = np.polyfit(np.log(r["dose_changed"]), np.log(r["dose_rho"]), 1)
+    return float(np.exp(c) * changed ** slope)
 
 def write(out_dir, fs, n_seeds):
     """out_dir/tokens.md and tokens.json from every finished model of the study."""
