@@ -12,6 +12,7 @@ import numpy as np
 
 import data
 import joint
+import pairgrads
 import report
 import tokens
 import train
@@ -53,20 +54,20 @@ class TestFit(unittest.TestCase):
             scene = data.gen_example(rng, "train", "full").scene
         for k in (1, 2, 3):
             for _ in range(20):
-                alt = tokens.altered_k(rng, scene, k)
+                alt = pairgrads.altered_k(rng, scene, k)
                 self.assertEqual(sum(a != b for a, b in zip(scene, alt)), k)
                 self.assertEqual(len(alt), len(scene))
                 self.assertTrue(all(o.kind not in data.HELD_OUT for o in alt))
                 self.assertEqual(len({o.cell for o in alt}), len(alt))       # no two objects on one cell
-        self.assertIsNone(tokens.altered_k(rng, scene[:1], 2))                 # one object cannot take two changes
+        self.assertIsNone(pairgrads.altered_k(rng, scene[:1], 2))                 # one object cannot take two changes
 
     def test_the_doses_share_their_prompts_and_each_fits_the_prompt_worse(self):
-        made = tokens.dose_scenes(12, 0)
+        made = pairgrads.dose_scenes(12, 0)
         self.assertEqual(len(made), 12)
-        self.assertEqual([e.question for e, _ in made], [e.question for e, _ in tokens.dose_scenes(12, 0)])
+        self.assertEqual([e.question for e, _ in made], [e.question for e, _ in pairgrads.dose_scenes(12, 0)])
         for e, alts in made:
-            self.assertGreaterEqual(len(e.scene), max(tokens.DOSES))
-            self.assertEqual(sorted(alts), list(tokens.DOSES))
+            self.assertGreaterEqual(len(e.scene), max(pairgrads.DOSES))
+            self.assertEqual(sorted(alts), list(pairgrads.DOSES))
             for k, (alt, score) in alts.items():
                 self.assertEqual(sum(a != b for a, b in zip(e.scene, alt)), k)
                 self.assertLess(score, 1.0)
@@ -93,15 +94,15 @@ class TestStudy(unittest.TestCase):
             # the patch tokenizer is lossless: a world pair changes one cell's token, or more, and pulls
             self.assertGreaterEqual(out["models"][0]["changed"], 1)
             pg = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "pairgrads.json"))
-            self.assertEqual(len(pg["norm"]), tokens.PAIR_GRADS)
+            self.assertEqual(len(pg["norm"]), pairgrads.PAIR_GRADS)
             self.assertTrue(min(pg["changed"]) >= 1 and min(pg["norm"]) > 0)
             # the dose test: each changed object changes its own cell's token, at least
             dose = report.read_json(os.path.join(d, "tokens", "t9", "sft0", "dose.json"))
-            self.assertEqual((dose["doses"], dose["pairs"]), (list(tokens.DOSES), tokens.DOSE_BATCHES * 4))
+            self.assertEqual((dose["doses"], dose["pairs"]), (list(pairgrads.DOSES), pairgrads.DOSE_BATCHES * 4))
             for k, c, g in zip(dose["doses"], dose["changed"], dose["g_gen"]):
                 self.assertTrue(c >= k and g > 0)
             for m in out["models"]:
-                self.assertEqual(len(m["dose_rho"]), len(tokens.DOSES))
+                self.assertEqual(len(m["dose_rho"]), len(pairgrads.DOSES))
                 self.assertTrue(all(np.isfinite(x) and x > 0 for x in m["dose_rho"]))
             for m in out["models"]:
                 self.assertTrue(np.isfinite(m["rho"]) and m["rho"] > 0)

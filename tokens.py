@@ -30,10 +30,10 @@ Beside rho, each model's tokens a world pair changes (codes that differ between 
 rejected images) and, pair by pair at the SFT model, how a pair's gradient grows with them: rho
 follows those, not the tokens an image (FINDINGS.md, "The many-token world"). The dose test
 makes that causal inside one world: the same prompts and chosen images, the rejected image with
-1, 2 or 3 objects changed, one tokenizer, one image length; rho at the SFT model for each dose.
+1, 2 or 3 objects changed, one tokenizer, one image length; rho at the SFT model for each dose
+(both measurements in pairgrads.py).
 One preference seed per SFT model: the spread is over SFT models.
 """
-import argparse
 import copy
 import json
 import os
@@ -41,20 +41,16 @@ import random
 
 import numpy as np
 
-import data
 import genpairs
 import joint
+import pairgrads
 import report
 import world
-from checkpoint import (Refused, file_digest, load_model, load_tokenizer, log, read_checkpoint, seed_everything,
-                        writable, write_atomic)
+from checkpoint import Refused, file_digest, load_tokenizer, log, read_checkpoint, seed_everything, writable, write_atomic
 
 # the joint study's rows each model runs (slugs of joint.ROWS; study.json names them by their labels)
 WORLD_ROWS = ("und_dpo_world", "gen_dpo_world", "joint_naive_world")
 POLICY_ROWS = ("und_dpo", "gen_dpo", "joint_naive")
-PAIR_GRADS = 200       # world pairs whose generation DPO gradient is taken one at a time, per SFT model
-DOSES = (1, 2, 3)      # the dose test: objects changed in the rejected image, on the same prompts
-DOSE_BATCHES = 16      # batches of --pref_batch pairs each dose's gradient is measured on
 DRAWS = 0.5            # the SFT model's GenEval at T=0 from which the on-policy rows are added
 PAPER = {"tokens": 576, "rho": (0.073, 0.093), "gen_dpo_loss": 0.691}   # Janus-Pro 7B / 1B, as the study reports
 
@@ -101,8 +97,8 @@ def study(args, argv, run_stage):
             draws = report.read_json(os.path.join(a.out_dir, "eval_sft.json"))["generation"]["test T=0"]["overall"]
             a.rows = ",".join(WORLD_ROWS + (POLICY_ROWS if draws >= DRAWS else ()))
             run_stage(a, "joint", argv, keep=args.resume, same_code=False)
-            pair_gradients(a.out_dir)
-            dose_gradients(a.out_dir)
+            pairgrads.pair_gradients(a.out_dir)
+            pairgrads.dose_gradients(a.out_dir)
             write(args.out_dir, fs, args.sft_seeds)
             log(args, f"tokens | {tokens_per_image(f)} tokens an image, SFT seed {a.seed}: done")
     return write(args.out_dir, fs, args.sft_seeds)
@@ -118,119 +114,6 @@ def changed_tokens(d, seed, n):
     codes = load_tokenizer(os.path.join(d, "tokenizer.pt"), "cpu").encode(
         np.stack([world.render(sc) for e, alt, _, _ in made for sc in (e.scene, alt)]))
     return float((codes[0::2] != codes[1::2]).sum(1).float().mean())
-
-
-def pair_gradients(d, n=PAIR_GRADS):
-    """The first n world pairs of the model in d, one at a time, at the SFT model (policy = reference,
-    where every pair's DPO gradient is -beta/2 (grad log p(chosen) - grad log p(rejected))): the norm
-    of each pair's generation DPO gradient against the image tokens the pair changes, and b of the
-    fit |g| ~ changed^b. Within one model and one tokenizer: does a pair that changes more tokens pull
-    harder? Kept in d/pairgrads.json for this sft.pt."""
-    path, sft_path = os.path.join(d, "pairgrads.json"), os.path.join(d, "sft.pt")
-    digest = file_digest(sft_path)
-    if os.path.exists(path) and report.read_json(path)["sft_digest"] == digest:
-        return report.read_json(path)
-    a = argparse.Namespace(**report.read_json(os.path.join(d, "study.json"))["config"])
-    a.out_dir, a.gen_pairs = d, n
-    policy, tok, vocab, _ = load_model(sft_path, a.device)
-    pairs = genpairs.build_world_pairs(tok, a, random.Random(f"{a.seed}/world"))   # the joint stage's first n
-    P = genpairs.gen_pair_data(policy, vocab, pairs, a)
-    policy.train()
-    params = list(policy.parameters())
-    changed = [sum(c != r for c, r in zip(p.chosen, p.rejected)) for p in pairs]
-    norms = [float(joint.task_grads(policy, params, vocab, P, [i], "dpo", a, None)[0].norm()) for i in range(len(pairs))]
-    pts = [(c, g) for c, g in zip(changed, norms) if c > 0]
-    b = float(np.polyfit(np.log([c for c, _ in pts]), np.log([g for _, g in pts]), 1)[0]) \
-        if len({c for c, _ in pts}) >= 2 else None
-    out = {"sft_digest": digest, "changed": changed, "norm": norms, "b": b}
-    write_atomic(path, json.dumps(out))
-    return out
-
-
-
-# -----------------------------------------------------------------------------
-# the dose test: more of the image changed, at one tokenizer and one image length
-
-def altered_k(rng, scene, k, tries=20):
-    """The scene with k DIFFERENT objects changed (data.alter_scene, k times), or None if `tries` draws fail."""
-    for _ in range(tries):
-        alt = scene
-        for _ in range(k):
-            alt = data.alter_scene(rng, alt) if alt is not None else None
-        if alt is not None and sum(a != b for a, b in zip(scene, alt)) == k:   # (alter_scene keeps the order)
-            return alt
-    return None
-
-
-def dose_scenes(n, seed, doses=DOSES):
-    """n training prompts whose scene has at least max(doses) objects (the counting and full-scene
-    prompts), each with, for every dose k, the scene with k objects changed so that it fits the prompt
-    worse (the parser's score < 1): [(example, {k: (altered scene, its score)})]. The same prompts and
-    chosen images at every dose, so only the rejected image, and how much of it differs, changes."""
-    rng, made = random.Random(f"{seed}/dose"), []
-    for _ in range(1000 * n):
-        if len(made) == n:
-            return made
-        e = data.gen_example(rng, "train", rng.choice(data.GEN_TASKS))
-        if len(e.scene) < max(doses):
-            continue
-        alts = {}
-        for k in doses:
-            alt = altered_k(rng, e.scene, k)
-            score = world.prompt_score(e, world.parse(world.render(alt))) if alt else 1.0
-            if score >= 1:
-                break
-            alts[k] = (alt, score)
-        else:
-            made.append((e, alts))
-    raise Refused(f"error: the dose test found {len(made)} of {n} prompts whose scenes take {max(doses)} changes")
-
-
-def dose_gradients(d):
-    """The dose test of the model in d, at the SFT model (policy = reference): the same prompts and
-    chosen images, the rejected image with 1, 2 or 3 objects changed (DOSES), and for each dose the
-    generation DPO gradient's norm on DOSE_BATCHES batches, the understanding one's on as many batches
-    of the joint stage's understanding pairs (the same at every dose), and rho at step 1 = their ratio.
-    Within one tokenizer and one image length: does rho fall as a pair changes more tokens? Kept in
-    d/dose.json for this sft.pt."""
-    path, sft_path = os.path.join(d, "dose.json"), os.path.join(d, "sft.pt")
-    digest = file_digest(sft_path)
-    if os.path.exists(path):
-        kept = report.read_json(path)
-        if (kept["sft_digest"], kept["doses"], kept["batches"]) == (digest, list(DOSES), DOSE_BATCHES):
-            return kept
-    a = argparse.Namespace(**report.read_json(os.path.join(d, "study.json"))["config"])
-    a.out_dir = d
-    policy, tok, vocab, _ = load_model(sft_path, a.device)
-    B = a.pref_batch
-    made = dose_scenes(DOSE_BATCHES * B, a.seed)
-    n = len(made)
-    codes = tok.encode(np.stack([world.render(e.scene) for e, _ in made]
-                                + [world.render(alts[k][0]) for k in DOSES for _, alts in made])).tolist()
-    # (the corrupted prompt is mDPO's condition; plain DPO, measured here, does not read it)
-    PG = {k: genpairs.gen_pair_data(policy, vocab, [
-        genpairs.GenPair(e, codes[i], codes[n * (1 + j) + i], e.question, (1.0, alts[k][1]), "world")
-        for i, (e, alts) in enumerate(made)], a) for j, k in enumerate(DOSES)}
-    pairs = read_checkpoint(os.path.join(d, f"pairs_s{a.seed}.pt"), "cpu", ("pairs",), "pairs file")
-    PU = data.PairSet.from_dict(pairs)
-    policy.train()
-    params = list(policy.parameters())
-
-    def norm(P, idx):
-        return float(joint.task_grads(policy, params, vocab, P, idx, "dpo", a, None)[0].norm())
-
-    batches = [list(range(b * B, (b + 1) * B)) for b in range(DOSE_BATCHES)]
-    g_und = [norm(PU, [i % len(PU.pairs) for i in idx]) for idx in batches]
-    g_gen = {k: [norm(PG[k], idx) for idx in batches] for k in DOSES}
-    changed = {k: float(np.mean([sum(c != r for c, r in zip(p.chosen, p.rejected)) for p in PG[k].pairs])) for k in DOSES}
-    rho = {k: float(np.mean([u / g for u, g in zip(g_und, g_gen[k])])) for k in DOSES}
-    a_fit = float(-np.polyfit(np.log([changed[k] for k in DOSES]), np.log([rho[k] for k in DOSES]), 1)[0]) \
-        if len(set(changed.values())) >= 2 and min(changed.values()) > 0 else None
-    out = {"sft_digest": digest, "doses": list(DOSES), "batches": DOSE_BATCHES, "pairs": n, "changed": [changed[k] for k in DOSES],
-           "g_und": float(np.mean(g_und)), "g_gen": [float(np.mean(g_gen[k])) for k in DOSES],
-           "rho_step1": [rho[k] for k in DOSES], "a": a_fit}
-    write_atomic(path, json.dumps(out))
-    return out
 
 
 def model_record(d, n, k):
@@ -262,12 +145,11 @@ def model_record(d, n, k):
          "geneval_change": gen["gen_overall"] - sft["gen_overall"],
          "answer_acc_change": und["answer_acc"] - sft["answer_acc"],
          "seconds": sum(s["seconds"] for s in run.values())}
-    pg = os.path.join(d, "pairgrads.json")
-    pg = report.read_json(pg) if os.path.exists(pg) else {}
-    r["pair_grad_b"] = pg.get("b") if pg.get("sft_digest") == digest else None
-    dz = os.path.join(d, "dose.json")
-    dz = report.read_json(dz) if os.path.exists(dz) else {}
-    if dz.get("sft_digest") == digest and dz.get("doses") == list(DOSES):
+    pg = pairgrads.kept(os.path.join(d, "pairgrads.json"), sft_digest=digest)
+    r["pair_grad_b"] = pg["b"] if pg else None
+    dz = pairgrads.kept(os.path.join(d, "dose.json"), sft_digest=digest, doses=list(pairgrads.DOSES),
+                        batches=pairgrads.DOSE_BATCHES)
+    if dz:
         r.update(dose_changed=dz["changed"], dose_rho=dz["rho_step1"], dose_a=dz["a"])
     if POLICY_ROWS[1] in rows:      # the on-policy rows, where the SFT model draws
         on = rows[POLICY_ROWS[1]][0]
@@ -284,12 +166,12 @@ def fit(records, key="rho", x="tokens"):
     pts = [(r[x], r[key]) for r in records]
     if len({n for n, _ in pts}) < 2:
         return None
-    slope, c = np.polyfit(np.log([n for n, _ in pts]), np.log([v for _, v in pts]), 1)
+    slope, c = pairgrads.loglog([n for n, _ in pts], [v for _, v in pts])
     per_seed = {}
     for s in sorted({r["sft_seed"] for r in records}):
         mine = [r for r in records if r["sft_seed"] == s]
         if len({r[x] for r in mine}) >= 2:
-            per_seed[s] = float(-np.polyfit(np.log([r[x] for r in mine]), np.log([r[key] for r in mine]), 1)[0])
+            per_seed[s] = -pairgrads.loglog([r[x] for r in mine], [r[key] for r in mine])[0]
     at = {n: float(np.exp(c) * n ** slope) for n in (9, 16, 36, 64, 144, PAPER["tokens"])}
     return {"a": float(-slope), "c": float(c), "per_seed": per_seed, "at": at}
 
@@ -329,7 +211,7 @@ def markdown(records, fitted, header):
              "both on world pairs; round trip = held-out scenes the tokenizer hands back exactly; tokens a pair "
              "changes = image tokens whose codes differ between a world pair's chosen and rejected images; pair "
              "gradient b = the exponent of |g| ~ changed^b over the model's first "
-             f"{PAIR_GRADS} world pairs, each pair's generation DPO gradient taken alone at the SFT model.", "",
+             f"{pairgrads.PAIR_GRADS} world pairs, each pair's generation DPO gradient taken alone at the SFT model.", "",
              "| tokens an image | tokenizer | " + " | ".join(h for h, _ in COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
     for (n, kind), rs in by_n.items():
         lines.append(f"| {n} | {kind} | " + " | ".join(str(len(rs)) if key is None else report.mean_std(r[key] for r in rs)
@@ -369,13 +251,14 @@ def dose_table(by_n):
     rows = {key: rs for key, rs in rows.items() if rs}
     if not rows:
         return []
-    doses = " / ".join(str(k) for k in DOSES)
+    ks = pairgrads.DOSES
+    doses = " / ".join(str(k) for k in ks)
     lines = ["", f"The dose test (dose.json of each model): the same prompts and chosen images, the rejected image "
-                 f"with {doses} objects changed (counting and full-scene prompts, whose scenes hold {max(DOSES)} "
-                 f"objects or more); at the SFT model (policy = reference), on {DOSE_BATCHES} batches of pairs, "
+                 f"with {doses} objects changed (counting and full-scene prompts, whose scenes hold {max(ks)} "
+                 f"objects or more); at the SFT model (policy = reference), on {pairgrads.DOSE_BATCHES} batches of pairs, "
                  "the understanding ones the same at every dose. a = the exponent of rho ~ (tokens a pair "
                  "changes)^-a across the doses, within one model; 'rho falls' = models whose rho at "
-                 f"{max(DOSES)} objects changed is below that at 1; rho at {PAPER['tokens']} tokens changed = each "
+                 f"{max(ks)} objects changed is below that at 1; rho at {PAPER['tokens']} tokens changed = each "
                  "model's own fit carried to a pair that differs in 576 tokens, the range over the models (an "
                  "extrapolation far beyond the measured doses, and to another image length: not a measurement; "
                  f"the study measured {PAPER['rho'][0]}-{PAPER['rho'][1]} on pairs of two samples at "
@@ -384,21 +267,17 @@ def dose_table(by_n):
              f"rho, step 1, {doses} objects | a | rho falls | rho at {PAPER['tokens']} tokens changed |",
              "|" + "---|" * 8]
     for (n, kind), rs in rows.items():
-        changed = " / ".join(f"{np.mean([r['dose_changed'][j] for r in rs]):.1f}" for j in range(len(DOSES)))
-        rho = " / ".join(f"{np.mean([r['dose_rho'][j] for r in rs]):.3f}" for j in range(len(DOSES)))
+        changed = " / ".join(f"{np.mean([r['dose_changed'][j] for r in rs]):.1f}" for j in range(len(ks)))
+        rho = " / ".join(f"{np.mean([r['dose_rho'][j] for r in rs]):.3f}" for j in range(len(ks)))
         a = [r["dose_a"] for r in rs if r["dose_a"] is not None]
         falls = sum(r["dose_rho"][-1] < r["dose_rho"][0] for r in rs)
-        far = [dose_extrapolation(r) for r in rs if r["dose_a"] is not None]
+        far = [pairgrads.dose_extrapolation(r["dose_changed"], r["dose_rho"], PAPER["tokens"])
+               for r in rs if r["dose_a"] is not None]
         lines.append(f"| {n} | {kind} | {len(rs)} | {changed} | {rho} | "
                      f"{report.mean_std(a) if a else '-'} | {falls} of {len(rs)} | "
                      f"{f'{min(far):.3f}-{max(far):.3f}' if far else '-'} |")
     return lines
 
-
-def dose_extrapolation(r, changed=PAPER["tokens"]):
-    """rho at step 1 that the model's own dose fit (log rho = c - a log changed) gives at `changed`."""
-    slope, c = np.polyfit(np.log(r["dose_changed"]), np.log(r["dose_rho"]), 1)
-    return float(np.exp(c) * changed ** slope)
 
 def write(out_dir, fs, n_seeds):
     """out_dir/tokens.md and tokens.json from every finished model of the study."""
