@@ -4,6 +4,7 @@ Run: python -m unittest test_tokens   (or: pytest test_tokens.py)
 """
 import os
 import random
+import shlex
 import shutil
 import tempfile
 import unittest
@@ -129,6 +130,8 @@ class TestStudy(unittest.TestCase):
             train.main(argv + ["--resume"])
             for n, run in finished.items():
                 self.assertEqual(report.read_json(os.path.join(d, "tokens", n, "sft0", "run.json")), run)
+            with open(os.path.join(d, "tokens.md")) as f:        # headed by the command that made the table
+                self.assertIn(f"`{shlex.join(['python', 'train.py', *argv, '--resume'])}` | device", f.read())
             # a study moved to another directory resumes there: nothing is trained again
             moved = os.path.join(d, "moved")
             shutil.copytree(os.path.join(d, "tokens"), os.path.join(moved, "tokens"))

@@ -38,6 +38,7 @@ import copy
 import json
 import os
 import random
+import shlex
 
 import numpy as np
 
@@ -81,6 +82,7 @@ def study(args, argv, run_stage):
     runs one stage of train.py's pipeline (keep: a stage that finished with these settings is kept,
     even at another commit: each model's commit is in the table)."""
     fs = factors(args.token_fs)
+    command = shlex.join(["python", "train.py", *argv])    # this pass's: it names every count and seed of the table
     for k in range(args.sft_seeds):
         for f in fs:
             a = copy.copy(args)
@@ -99,9 +101,9 @@ def study(args, argv, run_stage):
             run_stage(a, "joint", argv, keep=args.resume, same_code=False)
             pairgrads.pair_gradients(a.out_dir)
             pairgrads.dose_gradients(a.out_dir)
-            write(args.out_dir, fs, args.sft_seeds)
+            write(args.out_dir, fs, args.sft_seeds, command)
             log(args, f"tokens | {tokens_per_image(f)} tokens an image, SFT seed {a.seed}: done")
-    return write(args.out_dir, fs, args.sft_seeds)
+    return write(args.out_dir, fs, args.sft_seeds, command)
 
 
 # -----------------------------------------------------------------------------
@@ -240,7 +242,9 @@ def markdown(records, fitted, header):
                          + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for _, k in COLS if k) + " | "
                          + " | ".join("-" if v is None else f"{v:.3f}" for v in on)
                          + f" | {report.duration(r['seconds'])} |")
-    lines += ["", f"On-policy rows run where the SFT model's GenEval at T=0 is >= {DRAWS} ('-': it does not draw)."]
+    lines += ["", f"On-policy rows run where the SFT model's GenEval at T=0 is >= {DRAWS} ('-': it does not draw). "
+                  "Wall time: its stages' times as its run.json records them; a stage continued by --resume counts "
+                  "its last pass only."]
     return "\n".join(lines) + "\n"
 
 
@@ -279,8 +283,9 @@ def dose_table(by_n):
     return lines
 
 
-def write(out_dir, fs, n_seeds):
-    """out_dir/tokens.md and tokens.json from every finished model of the study."""
+def write(out_dir, fs, n_seeds, command):
+    """out_dir/tokens.md and tokens.json from every finished model of the study; `command`, the one that
+    makes them, heads tokens.md."""
     records = [r for k in range(n_seeds) for f in fs
                if (r := model_record(run_dir(out_dir, f, k), tokens_per_image(f), k)) is not None]
     if not records:
@@ -289,7 +294,7 @@ def write(out_dir, fs, n_seeds):
     fitted = fits(records)
     first = report.read_json(os.path.join(run_dir(out_dir, fs[0], 0), "run.json"))["stages"]
     rec = first.get("sft") or next(iter(first.values()))
-    header = (f"`{rec['command']}` | device: {rec['device']} | preset `{rec['preset']}`, dtype {rec['dtype']} | "
+    header = (f"`{command}` | device: {rec['device']} | preset `{rec['preset']}`, dtype {rec['dtype']} | "
               f"{len(records)} SFT models: " + ", ".join(f"{r['tokens']} tokens seed {r['sft_seed']}" for r in records))
     md = markdown(records, fitted, header)
     write_atomic(os.path.join(out_dir, "tokens.md"), md)
