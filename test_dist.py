@@ -96,7 +96,7 @@ def worker(out_dir):
     if dist.is_main():
         with open(os.path.join(out_dir, "steps.json"), "w") as f:
             json.dump(measured, f)
-    dist.close()
+    # the caller closes the group once this function's DDP wrapper is garbage (dist.close)
 
 
 class TestDataParallelSFT(unittest.TestCase):
@@ -143,6 +143,33 @@ class TestDataParallelSFT(unittest.TestCase):
             self.assertIn("trained by 2 data-parallel process(es) and this run has 1", plain.stderr)
             self.assertNotIn("Traceback", plain.stderr)
             self.assertEqual(torch.load(os.path.join(whole, "sft.pt"), weights_only=True)["step"], 4)
+
+
+class TestClose(unittest.TestCase):
+
+    def test_a_dropped_ddp_wrapper_is_freed_before_the_group_is_destroyed(self):
+        """A DDP wrapper lives in a reference cycle and holds the process group: left to the cycle
+        collector, gloo's group may be torn down after destroy_process_group or at interpreter exit,
+        which aborts the process. close() frees it first (a one-process gloo group stands in here)."""
+        import gc
+        import weakref
+        gc.disable()   # so that only close() can collect the cycle
+        try:
+            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+            with mock.patch.object(dist, "WORLD", 2):
+                ddp = dist.wrap(torch.nn.Linear(4, 4))
+                self.assertIsInstance(ddp, torch.nn.parallel.DistributedDataParallel)
+                ddp(torch.randn(2, 4)).sum().backward()
+                alive = weakref.ref(ddp)
+                del ddp
+                self.assertIsNotNone(alive())                 # the cycle: dropping the name does not free it
+                dist.close()
+            self.assertIsNone(alive())
+            self.assertFalse(torch.distributed.is_initialized())
+        finally:
+            gc.enable()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
 
 class TestDataParallelPref(unittest.TestCase):
@@ -206,5 +233,6 @@ class TestRefused(unittest.TestCase):
 if __name__ == "__main__" and "--worker" in sys.argv:
     sys.path.insert(0, HERE)
     worker(sys.argv[sys.argv.index("--worker") + 1])
+    dist.close()
 elif __name__ == "__main__":
     unittest.main()
