@@ -71,9 +71,9 @@ def init(device):
 
 def close():
     """Leave the process group: every rank at once (NCCL's teardown may wait for all of them).
-    A DDP wrapper sits in a reference cycle, so it outlives the function that made it until the cycle
-    collector runs, and it holds the group: destroyed later, at some collection or at interpreter
-    exit, gloo's group can abort the process ("terminate called without an active exception": 3 of 25
+    The first DDP wrapper a process makes sits in a reference cycle (torch 2.13), so it outlives the
+    function that made it until the cycle collector runs, and it holds the group: destroyed later, at
+    some collection or at interpreter exit, gloo's group can abort the process ("terminate called without an active exception": 3 of 25
     two-process runs of a wrapper left to the collector, torch 2.13). So the garbage wrappers are
     collected first, while the group is whole; a wrapper still referenced at close keeps that hazard."""
     if active():

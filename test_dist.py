@@ -148,9 +148,11 @@ class TestDataParallelSFT(unittest.TestCase):
 class TestClose(unittest.TestCase):
 
     def test_a_dropped_ddp_wrapper_is_freed_before_the_group_is_destroyed(self):
-        """A DDP wrapper lives in a reference cycle and holds the process group: left to the cycle
-        collector, gloo's group may be torn down after destroy_process_group or at interpreter exit,
-        which aborts the process. close() frees it first (a one-process gloo group stands in here)."""
+        """A DDP wrapper in a reference cycle (as torch 2.13 keeps the first one a process makes) holds
+        the process group: left to the cycle collector, gloo's group may be torn down after
+        destroy_process_group or at interpreter exit, which aborts the process. close() frees it
+        first. A one-process gloo group stands in for the ranks; the cycle is made here, so that the
+        test does not depend on whether this process made a wrapper before."""
         import gc
         import weakref
         gc.disable()   # so that only close() can collect the cycle
@@ -160,9 +162,10 @@ class TestClose(unittest.TestCase):
                 ddp = dist.wrap(torch.nn.Linear(4, 4))
                 self.assertIsInstance(ddp, torch.nn.parallel.DistributedDataParallel)
                 ddp(torch.randn(2, 4)).sum().backward()
-                alive = weakref.ref(ddp)
-                del ddp
-                self.assertIsNotNone(alive())                 # the cycle: dropping the name does not free it
+                alive, cycle = weakref.ref(ddp), [ddp]
+                cycle.append(cycle)
+                del ddp, cycle
+                self.assertIsNotNone(alive())                 # the cycle: dropping the names does not free it
                 dist.close()
             self.assertIsNone(alive())
             self.assertFalse(torch.distributed.is_initialized())
