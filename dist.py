@@ -75,9 +75,14 @@ def close():
     function that made it until the cycle collector runs, and it holds the group: destroyed later, at
     some collection or at interpreter exit, gloo's group can abort the process ("terminate called without an active exception": 3 of 25
     two-process runs of a wrapper left to the collector, torch 2.13). So the garbage wrappers are
-    collected first, while the group is whole; a wrapper still referenced at close keeps that hazard."""
+    collected first, while the group is whole; a wrapper still referenced at close keeps that hazard.
+    Even so the group outlives destroy_process_group once a wrapper was made, and a gloo thread frees
+    each finished collective's tensors later, under the GIL: at exit it can find the interpreter gone
+    and abort too (1 run in ~100 here). The barrier lets those threads finish while every rank waits
+    without the GIL."""
     if active():
         gc.collect()
+        td.barrier()
         td.destroy_process_group()
 
 
