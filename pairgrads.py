@@ -52,8 +52,7 @@ def kept(path, **want):
 
 
 def at_sft(d):
-    """The joint stage's settings of the model in d and its SFT model, in training mode:
-    (args, policy, tokenizer, vocab, parameters)."""
+    """The joint stage's settings of the model in d and its SFT model: (args, policy, tokenizer, vocab)."""
     a = argparse.Namespace(**report.read_json(os.path.join(d, "study.json"))["config"])
     a.out_dir = d
     policy, tok, vocab, _ = load_model(os.path.join(d, "sft.pt"), a.device)

@@ -341,9 +341,9 @@ def pipeline(args, runs, argv):
             if not run_stage(runs[k], name, argv):
                 kept.add(name)
             rng[k] = global_rng_state()
-        if i <= last:
+        if i < last:
             dist.barrier()
-        if i == last:   # the ranks part: rank 0 goes on alone, without a process group
+        if i == last:   # the ranks part (close is a barrier too): rank 0 goes on alone, without a process group
             dist.close()
     if not dist.is_main():
         return
